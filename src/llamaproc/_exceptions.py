@@ -1,0 +1,168 @@
+"""The errors llamaproc raises. Every one derives from :class:`LlamaprocError`.
+
+::
+
+    LlamaprocError
+    ├── ServerError                  the HTTP side: llama-server answered badly or not at all
+    │   ├── TransportError           connect/read/write failures and timeouts (httpx's, translated)
+    │   ├── StatusError              a non-2xx answer; .status_code, .body, .message
+    │   │   └── ServerLoadingError   503 "Loading model"
+    │   ├── StreamError              an error event in the middle of a stream; .body
+    │   └── IncompleteStreamError    a stream that ended without its final event
+    ├── ProcessError                 the child process
+    │   ├── BinaryNotFoundError      no llama-server binary; .searched lists where we looked
+    │   ├── StartupError             the child exited during start-up; .returncode, .output
+    │   │   └── StartupTimeoutError  no progress and no readiness within the timeout
+    │   └── ServerCrashedError       the child died while in use; .returncode, .output
+    ├── ModelFileError               a GGUF file that cannot be read
+    ├── ConfigError                  a bad serve config file (llamaproc.serve)
+    ├── ModelUnavailableError        a supervised model is Failed or unknown (llamaproc.serve)
+    ├── QueueFullError               admission refused: the model's queue is full (llamaproc.serve)
+    └── UsageError (also RuntimeError)
+        └── ClosedError              the object was used after close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "BinaryNotFoundError",
+    "ClosedError",
+    "IncompleteStreamError",
+    "LlamaprocError",
+    "ModelFileError",
+    "ProcessError",
+    "ServerCrashedError",
+    "ServerError",
+    "ServerLoadingError",
+    "StartupError",
+    "StartupTimeoutError",
+    "StatusError",
+    "StreamError",
+    "TransportError",
+    "UsageError",
+]
+
+
+class LlamaprocError(Exception):
+    """Root of every error raised by llamaproc."""
+
+
+# --- server / HTTP -------------------------------------------------------------------------------
+
+
+class ServerError(LlamaprocError):
+    """llama-server answered with an error, or did not answer."""
+
+
+class TransportError(ServerError):
+    """The HTTP request failed below the protocol: connect refused, reset, timed out."""
+
+
+class StatusError(ServerError):
+    """llama-server answered with a non-2xx status.
+
+    ``message`` is the server's own error message when the body has one.
+    """
+
+    def __init__(self, status_code: int, body: Any, *, url: str = "") -> None:
+        self.status_code = status_code
+        self.body = body
+        self.url = url
+        self.message = _error_message(body)
+        where = f" from {url}" if url else ""
+        super().__init__(f"HTTP {status_code}{where}: {self.message}")
+
+
+class ServerLoadingError(StatusError):
+    """503 while llama-server is still loading its model."""
+
+
+class StreamError(ServerError):
+    """llama-server sent an error event in the middle of a stream."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self.message = _error_message(body)
+        super().__init__(f"error event in stream: {self.message}")
+
+
+class IncompleteStreamError(ServerError):
+    """The stream ended (or the connection dropped) before its final event."""
+
+
+# --- process -------------------------------------------------------------------------------------
+
+
+class ProcessError(LlamaprocError):
+    """The llama-server child process could not be started or died."""
+
+
+class BinaryNotFoundError(ProcessError):
+    """No llama-server binary was found. ``searched`` lists where we looked."""
+
+    def __init__(self, message: str, *, searched: Sequence[str] = ()) -> None:
+        self.searched = list(searched)
+        lines = [message] + [f"  looked in: {s}" for s in self.searched]
+        super().__init__("\n".join(lines))
+
+
+class _ExitedError(ProcessError):
+    def __init__(self, message: str, *, returncode: int | None, output: str, pid: int | None = None) -> None:
+        self.returncode = returncode
+        self.output = output
+        self.pid = pid
+        text = message
+        if output:
+            text += "\n--- llama-server output ---\n" + output
+        super().__init__(text)
+
+
+class StartupError(_ExitedError):
+    """The child exited, or could not be made ready, during start-up.
+
+    ``returncode`` is its exit status (negative for a signal, ``None`` if it was
+    still running and had to be stopped) and ``output`` the relevant lines of
+    its output.
+    """
+
+
+class StartupTimeoutError(StartupError):
+    """llama-server made no progress and did not become healthy within the timeout."""
+
+
+class ServerCrashedError(_ExitedError):
+    """The llama-server child died while it was serving."""
+
+
+# --- files and misuse ----------------------------------------------------------------------------
+
+
+class ModelFileError(LlamaprocError):
+    """A model file is missing or is not a readable GGUF file."""
+
+
+class UsageError(LlamaprocError, RuntimeError):
+    """The API was used in a way it does not support."""
+
+
+class ClosedError(UsageError):
+    """The model, client or process was used after it was closed."""
+
+
+def _error_message(body: Any) -> str:
+    """Pull the human message out of llama-server's / OpenAI's error shapes."""
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            msg = err.get("message")
+            if isinstance(msg, str):
+                return msg
+        elif isinstance(err, str):
+            return err
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    text = str(body).strip()
+    return text[:500] if text else "(empty body)"

@@ -1,0 +1,326 @@
+"""The :class:`TextModel` facade and :func:`load_model`.
+
+A TextModel owns one llama-server process (from the process layer) and one
+client (from the client layer). It is safe for concurrent callers: each call
+is its own HTTP request and llama-server schedules them onto its ``parallel``
+slots, queueing the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ._backend import Backend, find_backend, read_gguf_info
+from ._client import DEFAULT_TIMEOUT, LlamaClient, TokenStream
+from ._exceptions import (
+    ClosedError,
+    LlamaprocError,
+    ModelFileError,
+    ServerCrashedError,
+    ServerError,
+)
+from ._process import ServerProcess
+from ._types import Completion, GGUFInfo, ModelInfo, RequestMetrics
+
+__all__ = ["TextModel", "load_model"]
+
+_log = logging.getLogger("llamaproc")
+
+
+class TextModel:
+    """A loaded model, served by its own llama-server child.
+
+    Made by :func:`load_model`. ``async with model:`` closes it on exit.
+    """
+
+    def __init__(self, process: ServerProcess, client: LlamaClient, *, path: Path, backend: Backend) -> None:
+        self._process = process
+        self._client = client
+        self.path = path
+        self.backend = backend
+        self._closed = False
+        self._gguf: GGUFInfo | None = None
+        #: The last error any call on this model raised (kept after it was raised).
+        self.last_error: LlamaprocError | None = None
+        #: Metrics of the last request that finished.
+        self.last_metrics: RequestMetrics | None = None
+
+    # -- identity -----------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """The llama-server child's pid."""
+        return self._process.pid
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the child."""
+        return self._process.base_url
+
+    @property
+    def returncode(self) -> int | None:
+        """The child's exit status once it has exited, else ``None``."""
+        return self._process.returncode
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def output(self) -> str:
+        """The child's output so far (bounded: its first and last lines)."""
+        return self._process.output.text()
+
+    def __repr__(self) -> str:
+        return f"<TextModel {self.path.name} pid={self.pid} url={self._process.base_url if self._process.port else '-'}>"
+
+    async def __aenter__(self) -> TextModel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedError("the model is closed")
+        if self._process.returncode is not None:
+            raise self._record(self._crashed())
+
+    def _crashed(self) -> ServerCrashedError:
+        code = self._process.returncode
+        return ServerCrashedError(
+            f"llama-server (pid {self.pid}) exited with code {code}",
+            returncode=code,
+            output=self._process.output.summary(),
+            pid=self.pid,
+        )
+
+    def _record(self, error: LlamaprocError) -> LlamaprocError:
+        self.last_error = error
+        return error
+
+    async def _explain(self, error: LlamaprocError) -> LlamaprocError:
+        """Turn a server error into ServerCrashedError when the child is what died."""
+        if isinstance(error, ServerError) and not self._closed:
+            # A cut connection is seen before the exit status: give the kernel a moment.
+            with anyio.move_on_after(0.5):
+                while self._process.returncode is None:
+                    await anyio.sleep(0.01)
+            if self._process.returncode is not None:
+                crashed = self._crashed()
+                crashed.__cause__ = error
+                error = crashed
+        return self._record(error)
+
+    async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        try:
+            return await method(*args, **kwargs)
+        except LlamaprocError as exc:
+            error = await self._explain(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _stream(self, stream: TokenStream) -> TokenStream:
+        self._check()
+        stream.error_hook = self._explain
+        stream.done_hook = self._finished
+        return stream
+
+    def _finished(self, result: Completion) -> None:
+        if result.metrics is not None:
+            self.last_metrics = result.metrics
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        stop: Sequence[str] | None = None,
+        **params: Any,
+    ) -> TokenStream:
+        """Stream the continuation of ``prompt`` (native ``/completion``), greedy by default.
+
+        Returns an async iterator of :class:`Token` (``.text``, ``.id``); use
+        ``async with model.generate(...) as stream:`` so that ``break`` frees
+        the slot at once. ``stream.result`` has usage and timings at the end.
+        Other llama-server sampling options (``top_k``, ``seed``, ``grammar``
+        ...) pass through as keywords.
+        """
+        if stop is not None:
+            params["stop"] = list(stop)
+        return self._stream(
+            self._client.stream_completion(prompt, n_predict=max_tokens, temperature=temperature, **params)
+        )
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        **params: Any,
+    ) -> TokenStream:
+        """Stream a chat reply (``/v1/chat/completions``, the model's chat template), greedy by default."""
+        return self._stream(
+            self._client.stream_chat(messages, max_tokens=max_tokens, temperature=temperature, **params)
+        )
+
+    async def complete(
+        self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0, **params: Any
+    ) -> Completion:
+        """Like :meth:`generate`, but waits for the whole text."""
+        result: Completion = await self._call(
+            self._client.completion, prompt, n_predict=max_tokens, temperature=temperature, **params
+        )
+        self._finished(result)
+        return result
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One embedding vector per text (the model must be loaded with ``embeddings=True``)."""
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a list of strings; wrap a single text in a list")
+        result: list[list[float]] = await self._call(self._client.embeddings, texts)
+        return result
+
+    async def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        result: list[int] = await self._call(self._client.tokenize, text, add_special=add_special)
+        return result
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        result: str = await self._call(self._client.detokenize, tokens)
+        return result
+
+    # -- introspection --------------------------------------------------------------------------
+
+    async def info(self) -> ModelInfo:
+        """The GGUF metadata of the model file and the server's ``/props``."""
+        props: dict[str, Any] = await self._call(self._client.props)
+        if self._gguf is None:
+            self._gguf = await anyio.to_thread.run_sync(read_gguf_info, self.path)
+        return ModelInfo(
+            gguf=self._gguf,
+            props=props,
+            pid=self.pid,
+            base_url=self.base_url,
+            binary=str(self.backend.binary),
+            flavour=self.backend.flavour,
+        )
+
+    async def server_metrics(self) -> dict[str, float]:
+        """llama-server's Prometheus counters (``/metrics``), by sample name."""
+        result: dict[str, float] = await self._call(self._client.metrics)
+        return result
+
+    async def slots(self) -> list[dict[str, Any]]:
+        """llama-server's slots (``/slots``): which are busy, their context, ..."""
+        result: list[dict[str, Any]] = await self._call(self._client.slots)
+        return result
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """End open streams, then stop the child (SIGTERM → grace → SIGKILL).
+
+        Idempotent and shielded from cancellation: when it returns (or is
+        cancelled) the child is gone.
+        """
+        with anyio.CancelScope(shield=True):
+            self._closed = True
+            await self._client.aclose()
+            await self._process.stop()
+
+
+async def load_model(
+    path: str | os.PathLike[str],
+    *,
+    binary: str | os.PathLike[str] | None = None,
+    parallel: int = 1,
+    ctx_size: int | None = None,
+    gpu_layers: int | None = None,
+    threads: int | None = None,
+    embeddings: bool = False,
+    pooling: str | None = None,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    devices: str | None = "0",
+    startup_timeout: float = 60.0,
+    grace: float = 5.0,
+    log_output: bool | logging.Logger = False,
+    request_timeout: float | None = None,
+) -> TextModel:
+    """Start llama-server for the GGUF at ``path``; return when it answers ``/health``.
+
+    ``parallel`` is the number of slots (concurrent requests served at once);
+    ``ctx_size`` the total context (shared by the slots); ``gpu_layers`` the
+    layers to offload (``-ngl``); ``embeddings`` enables ``embed()`` (with
+    mean pooling when the file names no pooling type, unless ``pooling`` is
+    given). ``args`` are extra llama-server arguments and ``env`` extra
+    environment variables. ``devices`` sets ``HIP_VISIBLE_DEVICES`` (``None``
+    leaves it alone). ``log_output`` forwards the server's output to the
+    ``llamaproc.server`` logger (or the logger given). ``request_timeout`` is
+    the read timeout of each request, default 600 s.
+    """
+    model_path = Path(path).expanduser()
+    if not model_path.is_file():
+        raise ModelFileError(f"model file not found: {model_path}")
+    if parallel < 1:
+        raise ValueError("parallel must be at least 1")
+    backend = find_backend(binary)
+    argv: list[str] = ["--model", str(model_path), "--parallel", str(parallel), "--metrics", "--slots"]
+    if ctx_size is not None:
+        argv += ["--ctx-size", str(ctx_size)]
+    if gpu_layers is not None:
+        argv += ["--n-gpu-layers", str(gpu_layers)]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
+    if embeddings:
+        argv.append("--embeddings")
+        if pooling is None:
+            pooling = await anyio.to_thread.run_sync(_pooling_for, model_path)
+    if pooling is not None:
+        argv += ["--pooling", pooling]
+    argv += list(args)
+    logger: logging.Logger | None
+    if log_output is True:
+        logger = logging.getLogger("llamaproc.server")
+    elif isinstance(log_output, logging.Logger):
+        logger = log_output
+    else:
+        logger = None
+    process = await ServerProcess.start(
+        backend.binary,
+        argv,
+        env={**backend.env, **(env or {})},
+        devices=devices,
+        startup_timeout=startup_timeout,
+        grace=grace,
+        logger=logger,
+    )
+    timeout = DEFAULT_TIMEOUT if request_timeout is None else DEFAULT_TIMEOUT.__class__(
+        connect=5.0, read=request_timeout, write=30.0, pool=None
+    )
+    client = LlamaClient(process.base_url, timeout=timeout)
+    _log.debug("loaded %s: pid %d at %s", model_path, process.pid, process.base_url)
+    return TextModel(process, client, path=model_path, backend=backend)
+
+
+def _pooling_for(path: Path) -> str | None:
+    """Mean pooling for a file that names no pooling type (most generative models)."""
+    try:
+        info = read_gguf_info(path)
+    except ModelFileError:
+        return None  # let llama-server report what is wrong with the file
+    return "mean" if info.pooling_type in (None, "none", "unspecified") else None
