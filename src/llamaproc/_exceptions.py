@@ -15,28 +15,41 @@
     │   │   └── StartupTimeoutError  no progress and no readiness within the timeout
     │   └── ServerCrashedError       the child died while in use; .returncode, .output
     ├── ModelFileError               a GGUF file that cannot be read
-    ├── ConfigError                  a bad serve config file (llamaproc.serve)
-    ├── ModelUnavailableError        a supervised model is Failed or unknown (llamaproc.serve)
-    ├── QueueFullError               admission refused: the model's queue is full (llamaproc.serve)
+    ├── ConfigError                  a bad serve config file (also ValueError); .path, .problems
+    ├── AlreadyRunningError          another daemon holds the pid lock; .pid
+    ├── PoolError                    the model pool of the daemon
+    │   ├── ModelNotFoundError       no model of that name in the config
+    │   ├── ModelUnavailableError    the model is Failed (too many restarts) or cannot be loaded
+    │   ├── QueueFullError           admission refused: slots and queue full; .retry_after
+    │   └── ShuttingDownError        the pool is draining and takes no new requests
     └── UsageError (also RuntimeError)
         └── ClosedError              the object was used after close()
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "AlreadyRunningError",
     "BinaryNotFoundError",
     "ClosedError",
+    "ConfigError",
     "IncompleteStreamError",
     "LlamaprocError",
     "ModelFileError",
+    "ModelNotFoundError",
+    "ModelUnavailableError",
+    "PoolError",
     "ProcessError",
+    "QueueFullError",
     "ServerCrashedError",
     "ServerError",
     "ServerLoadingError",
+    "ShuttingDownError",
     "StartupError",
     "StartupTimeoutError",
     "StatusError",
@@ -142,6 +155,55 @@ class ServerCrashedError(_ExitedError):
 
 class ModelFileError(LlamaprocError):
     """A model file is missing or is not a readable GGUF file."""
+
+
+class ConfigError(LlamaprocError, ValueError):
+    """A bad serve config file or value; the message names the file and the key.
+
+    ``path`` is the config file (``None`` for a lone value) and ``problems``
+    holds one line per problem; the message is those lines joined.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | os.PathLike[str] | None = None, problems: tuple[str, ...] = ()
+    ) -> None:
+        self.path = None if path is None else Path(path)
+        self.problems = problems or (message,)
+        super().__init__(message)
+
+
+class AlreadyRunningError(LlamaprocError):
+    """Another live process holds the pid lock. ``pid`` is its pid when known."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        who = f"process {pid}" if pid is not None else "another process"
+        super().__init__(f"already running: {who} holds the lock on {path}")
+
+
+class PoolError(LlamaprocError):
+    """The model pool could not serve a request."""
+
+
+class ModelNotFoundError(PoolError):
+    """No model of that name is configured."""
+
+
+class ModelUnavailableError(PoolError):
+    """The model cannot serve now (Failed after too many restarts, or its load failed)."""
+
+
+class QueueFullError(PoolError):
+    """Every slot is busy and the model's queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class ShuttingDownError(PoolError):
+    """The pool is shutting down and takes no new requests."""
 
 
 class UsageError(LlamaprocError, RuntimeError):

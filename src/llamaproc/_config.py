@@ -1,0 +1,341 @@
+"""The ``llamaproc serve`` configuration file.
+
+A TOML file with a few daemon-wide settings and one ``[models.NAME]`` table
+per model::
+
+    max_loaded_models = 2
+    memory_budget = "8GiB"
+    idle_timeout = "5m"
+
+    [models.tiny]
+    path = "models/tiny.gguf"
+    parallel = 2
+
+:func:`load_config` reads and validates it into a frozen :class:`ServeConfig`.
+Durations are stored as float seconds (``None`` when disabled) and sizes as
+int bytes. Every problem in the file is reported at once, one line each, as a
+:class:`ConfigError` naming the file and the dotted key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+import os
+import re
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from ._exceptions import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "ServeConfig",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
+
+
+# --- durations and sizes -------------------------------------------------------------------------
+
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(rf"\s*({_NUMBER})\s*(ms|s|m|h|d)")
+_DURATION_RE = re.compile(rf"(?:{_DURATION_PART.pattern})+\s*")
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE_RE = re.compile(rf"\s*({_NUMBER})\s*([a-z]*)\s*")
+
+
+def parse_duration(value: str | float) -> float | None:
+    """Parse a duration into seconds; ``None`` means disabled.
+
+    Accepts a plain number of seconds (``30``, ``1.5``, ``"30"``) or a string of
+    number-unit parts in decreasing order (``"300ms"``, ``"5m"``, ``"1h30m"``;
+    units ``d h m s ms``). ``0``, any zero duration and ``"never"`` disable.
+    Raises :class:`ConfigError` (a ``ValueError``) for anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"invalid duration {value!r}: expected a string like '30s' or a number of seconds")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "never":
+            return None
+        if re.fullmatch(_NUMBER, text):
+            seconds = float(text)
+        elif _DURATION_RE.fullmatch(text):
+            parts = _DURATION_PART.findall(text)
+            factors = [_DURATION_UNITS[unit] for _, unit in parts]
+            if any(a <= b for a, b in itertools.pairwise(factors)):
+                raise ConfigError(f"invalid duration {value!r}: units must appear once each, largest first")
+            seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+        else:
+            raise ConfigError(f"invalid duration {value!r}: expected e.g. '300ms', '30s', '5m', '1h30m' or 'never'")
+    else:
+        seconds = float(value)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ConfigError(f"invalid duration {value!r}: must be a finite number of seconds >= 0")
+    return seconds if seconds > 0 else None
+
+
+def parse_size(value: str | int) -> int:
+    """Parse a byte size into int bytes.
+
+    Accepts a plain int of bytes or a number with a unit: ``B``, SI ``kB MB GB
+    TB`` (powers of 1000) or IEC ``KiB MiB GiB TiB`` (powers of 1024), case
+    insensitive, e.g. ``"512MiB"`` or ``"1.5GB"``. Fractional bytes round down.
+    Raises :class:`ConfigError` (a ``ValueError``) for anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(f"invalid size {value!r}: expected bytes as an integer or a string like '8GiB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"invalid size {value!r}: must be >= 0")
+        return value
+    match = _SIZE_RE.fullmatch(value.lower())
+    if match is None or match.group(2) not in _SIZE_UNITS:
+        raise ConfigError(f"invalid size {value!r}: expected e.g. '8GiB', '512MiB', '1.5GB' or a number of bytes")
+    return int(Decimal(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def _optional_duration(value: Any) -> float | None:
+    return None if value is None else parse_duration(value)
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds is None:
+        raise ConfigError(f"invalid duration {value!r}: must be greater than zero")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    return parse_size(value)
+
+
+def _path(value: Any) -> Any:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError("Input should be a valid string")
+    return value
+
+
+_OptionalDuration = Annotated[float | None, BeforeValidator(_optional_duration)]
+_PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
+
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+
+
+def _check_model_name(name: str) -> str:
+    if not _MODEL_NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"invalid model name {name!r}: must start with a letter or digit"
+            " and contain only letters, digits, '.', '_', ':' or '-'"
+        )
+    return name
+
+
+_ModelName = Annotated[StrictStr, AfterValidator(_check_model_name)]
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+class ModelConfig(BaseModel):
+    """One ``[models.NAME]`` table: a GGUF file and how to run llama-server on it.
+
+    ``path`` is made absolute (``~`` expanded, relative paths against the config
+    file's directory when loaded by :func:`load_config`, else the current
+    directory); :func:`load_config` also checks that it is an existing file.
+    ``binary`` is resolved the same way when it contains a ``/`` or starts with
+    ``~``; a bare name is left for a ``PATH`` search.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Annotated[Path, BeforeValidator(_path)]
+    parallel: StrictInt = Field(default=1, ge=1)
+    ctx_size: StrictInt | None = Field(default=None, ge=0)
+    gpu_layers: StrictInt | None = Field(default=None, ge=-1)
+    threads: StrictInt | None = Field(default=None, ge=1)
+    embeddings: StrictBool = False
+    args: tuple[StrictStr, ...] = ()
+    env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    binary: StrictStr | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _absolute(value, info)
+        if _context(info).get("check_paths"):
+            if not path.exists():
+                raise ConfigError(f"model file not found: {path}")
+            if not path.is_file():
+                raise ConfigError(f"model path is not a file: {path}")
+        return path
+
+    @field_validator("binary")
+    @classmethod
+    def _resolve_binary(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or ("/" not in value and not value.startswith("~")):
+            return value
+        return str(_absolute(Path(value), info))
+
+
+class ServeConfig(BaseModel):
+    """The whole serve config file. Durations are float seconds, sizes int bytes.
+
+    ``max_loaded_models``: how many models may be loaded at once (default 1).
+    ``memory_budget``: bytes the loaded models may use together (default ``None``: no budget).
+    ``idle_timeout``: unload a model idle this long (default ``None``: never).
+    ``queue_size``: requests that may wait per model beyond its slots (default 16).
+    ``preload``: models to load at start-up. ``drain_timeout``: graceful shutdown
+    deadline (30s). ``restart_backoff`` (0.5s) doubles after each crash up to
+    ``restart_backoff_max`` (30s); more than ``max_restarts`` (5) restarts
+    within ``restart_window`` (60s) marks the model failed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_loaded_models: StrictInt = Field(default=1, ge=1)
+    memory_budget: Annotated[int, BeforeValidator(_size), Field(gt=0)] | None = None
+    idle_timeout: _OptionalDuration = None
+    queue_size: StrictInt = Field(default=16, ge=0)
+    drain_timeout: _PositiveDuration = 30.0
+    restart_backoff: _PositiveDuration = 0.5
+    restart_backoff_max: _PositiveDuration = 30.0
+    max_restarts: StrictInt = Field(default=5, ge=0)
+    restart_window: _PositiveDuration = 60.0
+    models: dict[_ModelName, ModelConfig] = Field(min_length=1)
+    preload: tuple[StrictStr, ...] = ()
+
+    @field_validator("preload")
+    @classmethod
+    def _preload_known(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        models = info.data.get("models")
+        if models is None:  # already reported as a problem of its own
+            return value
+        for name in value:
+            if name not in models:
+                raise ConfigError(f"unknown model {name!r}{_suggest(name, models)}")
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> ServeConfig:
+        if self.restart_backoff_max < self.restart_backoff:
+            raise ConfigError(
+                f"restart_backoff_max ({self.restart_backoff_max:g}s)"
+                f" must not be less than restart_backoff ({self.restart_backoff:g}s)"
+            )
+        return self
+
+
+def _context(info: ValidationInfo) -> dict[str, Any]:
+    return info.context if isinstance(info.context, dict) else {}
+
+
+def _absolute(path: Path, info: ValidationInfo) -> Path:
+    path = path.expanduser()
+    if not path.is_absolute():
+        path = Path(_context(info).get("base_dir") or Path.cwd()) / path
+    return Path(os.path.abspath(path))
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> ServeConfig:
+    """Read, validate and return the serve config at ``path``.
+
+    Raises :class:`ConfigError` for a missing or unreadable file, invalid TOML,
+    and every invalid value, unknown key or missing model file, each reported
+    as ``FILE: dotted.key: problem``.
+    """
+    name = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: config file not found", path=path) from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read config file: {exc.strerror or exc}", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: invalid TOML: not valid UTF-8 (at byte {exc.start})", path=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        text = str(exc)
+        where = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", text)
+        if where:
+            message = f"{name}:{where[2]}:{where[3]}: invalid TOML: {where[1]}"
+        else:  # pragma: no cover - tomllib always reports a position
+            message = f"{name}: invalid TOML: {text}"
+        raise ConfigError(message, path=path) from None
+    context = {"base_dir": Path(os.path.abspath(path)).parent, "check_paths": True}
+    try:
+        return ServeConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        problems = tuple(f"{name}: {line}" for line in _problems(exc))
+        raise ConfigError("\n".join(problems), path=path, problems=problems) from None
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    """One readable line per pydantic error: ``dotted.key: message``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(part for part in err["loc"] if part != "[key]")
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            where = _dotted(loc[:-1])
+            message = f"unknown key {key!r}{_suggest(key, _known_keys(loc[:-1]))}"
+        else:
+            where = _dotted(loc)
+            error = err.get("ctx", {}).get("error")
+            message = str(error) if isinstance(error, ConfigError) else err["msg"]
+        lines.append(f"{where}: {message}" if where else message)
+    return lines
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            key = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else '"' + part.replace('"', '\\"') + '"'
+            text += f".{key}" if text else key
+    return text
+
+
+def _known_keys(parent: tuple[int | str, ...]) -> list[str]:
+    if not parent:
+        return list(ServeConfig.model_fields)
+    if len(parent) == 2 and parent[0] == "models":
+        return list(ModelConfig.model_fields)
+    return []
+
+
+def _suggest(word: str, choices: Any) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -1,0 +1,306 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamaproc._config import ConfigError, ModelConfig, ServeConfig, load_config, parse_duration, parse_size
+from llamaproc._exceptions import LlamaprocError
+
+
+def write(tmp_path: Path, text: str, *, model: str = "tiny.gguf") -> Path:
+    if model:
+        (tmp_path / model).write_bytes(b"GGUF")
+    config = tmp_path / "serve.toml"
+    config.write_text(text)
+    return config
+
+
+def load_error(config: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    return info.value
+
+
+MINIMAL = """
+[models.tiny]
+path = "tiny.gguf"
+"""
+
+
+def test_full_file(tmp_path: Path) -> None:
+    (tmp_path / "llama-server").write_text("")
+    config = write(
+        tmp_path,
+        f"""
+max_loaded_models = 2
+memory_budget = "8GiB"
+idle_timeout = "5m"
+queue_size = 4
+preload = ["tiny"]
+drain_timeout = "10s"
+restart_backoff = "1s"
+restart_backoff_max = "1m"
+max_restarts = 3
+restart_window = "1h30m"
+
+[models.tiny]
+path = "{tmp_path / "tiny.gguf"}"
+parallel = 2
+ctx_size = 2048
+gpu_layers = 99
+threads = 2
+embeddings = true
+args = ["--flash-attn", "on"]
+env = {{ FOO = "bar" }}
+binary = "./llama-server"
+""",
+    )
+    cfg = load_config(config)
+    assert cfg.max_loaded_models == 2
+    assert cfg.memory_budget == 8 * 2**30
+    assert cfg.idle_timeout == 300.0
+    assert cfg.queue_size == 4
+    assert cfg.preload == ("tiny",)
+    assert cfg.drain_timeout == 10.0
+    assert cfg.restart_backoff == 1.0
+    assert cfg.restart_backoff_max == 60.0
+    assert cfg.max_restarts == 3
+    assert cfg.restart_window == 5400.0
+    tiny = cfg.models["tiny"]
+    assert tiny == ModelConfig(
+        path=tmp_path / "tiny.gguf",
+        parallel=2,
+        ctx_size=2048,
+        gpu_layers=99,
+        threads=2,
+        embeddings=True,
+        args=("--flash-attn", "on"),
+        env={"FOO": "bar"},
+        binary=str(tmp_path / "llama-server"),
+    )
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.max_loaded_models == 1
+    assert cfg.memory_budget is None
+    assert cfg.idle_timeout is None
+    assert cfg.queue_size == 16
+    assert cfg.preload == ()
+    assert cfg.drain_timeout == 30.0
+    assert cfg.restart_backoff == 0.5
+    assert cfg.restart_backoff_max == 30.0
+    assert cfg.max_restarts == 5
+    assert cfg.restart_window == 60.0
+    tiny = cfg.models["tiny"]
+    assert tiny.parallel == 1
+    assert (tiny.ctx_size, tiny.gpu_layers, tiny.threads, tiny.binary) == (None, None, None, None)
+    assert tiny.embeddings is False
+    assert tiny.args == ()
+    assert tiny.env == {}
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.queue_size = 3  # type: ignore[misc, unused-ignore]
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir("/")
+    config = write(
+        tmp_path,
+        '[models.tiny]\npath = "models/../models/tiny.gguf"\nbinary = "bin/llama-server"\n'
+        '[models.other]\npath = "models/tiny.gguf"\nbinary = "llama-server"\n',
+        model="",
+    )
+    cfg = load_config(config)
+    assert cfg.models["tiny"].path == tmp_path / "models" / "tiny.gguf"
+    assert cfg.models["tiny"].binary == str(tmp_path / "bin" / "llama-server")
+    assert cfg.models["other"].binary == "llama-server"  # bare names are left for a PATH search
+
+
+def test_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = write(tmp_path, '[models.tiny]\npath = "~/tiny.gguf"\n')
+    assert load_config(config).models["tiny"].path == tmp_path / "tiny.gguf"
+
+
+def test_unknown_key_suggests_closest(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, "max_loaded_model = 2\n" + MINIMAL))
+    assert str(err) == f"{tmp_path / 'serve.toml'}: unknown key 'max_loaded_model' (did you mean 'max_loaded_models'?)"
+    assert isinstance(err, LlamaprocError)
+    assert err.path == tmp_path / "serve.toml"
+
+
+def test_unknown_model_key_names_its_table(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, MINIMAL + "paralel = 2\n"))
+    assert str(err).endswith(": models.tiny: unknown key 'paralel' (did you mean 'parallel'?)")
+
+
+def test_unknown_key_without_close_match(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, "zzzz = 1\n" + MINIMAL))
+    assert str(err).endswith(": unknown key 'zzzz'")
+
+
+def test_parallel_zero(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, MINIMAL + "parallel = 0\n"))
+    assert str(err) == f"{tmp_path / 'serve.toml'}: models.tiny.parallel: Input should be greater than or equal to 1"
+
+
+def test_bad_duration(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, 'idle_timeout = "5 minutes"\n' + MINIMAL))
+    assert str(err).endswith(
+        ": idle_timeout: invalid duration '5 minutes': expected e.g. '300ms', '30s', '5m', '1h30m' or 'never'"
+    )
+
+
+def test_required_duration_cannot_be_disabled(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, "restart_backoff = 0\n" + MINIMAL))
+    assert str(err).endswith(": restart_backoff: invalid duration 0: must be greater than zero")
+
+
+def test_bad_size(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, 'memory_budget = "8 gigs"\n' + MINIMAL))
+    assert str(err).endswith(
+        ": memory_budget: invalid size '8 gigs': expected e.g. '8GiB', '512MiB', '1.5GB' or a number of bytes"
+    )
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, '[models.big]\npath = "big.gguf"\n', model=""))
+    assert str(err).endswith(f": models.big.path: model file not found: {tmp_path / 'big.gguf'}")
+
+
+def test_model_path_is_a_directory(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, '[models.big]\npath = "."\n', model=""))
+    assert str(err).endswith(f": models.big.path: model path is not a file: {tmp_path}")
+
+
+def test_preload_unknown_model(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, 'preload = ["tinny"]\n' + MINIMAL))
+    assert str(err).endswith(": preload: unknown model 'tinny' (did you mean 'tiny'?)")
+
+
+def test_bad_model_name(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, '[models."-bad name"]\npath = "tiny.gguf"\n'))
+    assert str(err).endswith(
+        ": models.\"-bad name\": invalid model name '-bad name': must start with a letter or digit"
+        " and contain only letters, digits, '.', '_', ':' or '-'"
+    )
+
+
+def test_model_names_allow_dots_colons_dashes(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, '[models."qwen2.5:7b-q4_K"]\npath = "tiny.gguf"\n'))
+    assert list(cfg.models) == ["qwen2.5:7b-q4_K"]
+
+
+def test_no_models(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, "max_loaded_models = 1\n"))
+    assert str(err).endswith(": models: Field required")
+
+
+def test_wrong_types_are_not_coerced(tmp_path: Path) -> None:
+    text = 'max_loaded_models = "2"\n' + MINIMAL + 'embeddings = "yes"\nargs = ["-c", 2048]\n'
+    err = load_error(write(tmp_path, text))
+    assert err.problems == (
+        f"{tmp_path / 'serve.toml'}: max_loaded_models: Input should be a valid integer",
+        f"{tmp_path / 'serve.toml'}: models.tiny.embeddings: Input should be a valid boolean",
+        f"{tmp_path / 'serve.toml'}: models.tiny.args[1]: Input should be a valid string",
+    )
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, 'queue_size = -1\nidle_timeout = "soon"\n' + MINIMAL + "parallel = 0\n"))
+    assert [line.split(": ", 1)[1] for line in str(err).splitlines()] == [
+        "idle_timeout: invalid duration 'soon': expected e.g. '300ms', '30s', '5m', '1h30m' or 'never'",
+        "queue_size: Input should be greater than or equal to 0",
+        "models.tiny.parallel: Input should be greater than or equal to 1",
+    ]
+    assert len(err.problems) == 3
+
+
+def test_backoff_max_below_initial(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, 'restart_backoff = "10s"\nrestart_backoff_max = "2s"\n' + MINIMAL))
+    assert str(err).endswith(": restart_backoff_max (2s) must not be less than restart_backoff (10s)")
+
+
+def test_bad_toml_reports_line_and_column(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, "queue_size = 1\nmax_loaded_models = = 2\n"))
+    assert str(err) == f"{tmp_path / 'serve.toml'}:2:21: invalid TOML: Invalid value"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    err = load_error(tmp_path / "nope.toml")
+    assert str(err) == f"{tmp_path / 'nope.toml'}: config file not found"
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    err = load_error(tmp_path)
+    assert str(err).startswith(f"{tmp_path}: cannot read config file: ")
+
+
+def test_serve_config_without_load_config_skips_file_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = ServeConfig.model_validate({"models": {"x": {"path": "absent.gguf"}}})
+    assert cfg.models["x"].path == tmp_path / "absent.gguf"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("300ms", 0.3),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("1h 30m 15s", 5415.0),
+        ("1.5s", 1.5),
+        ("45", 45.0),
+        (90, 90.0),
+        (0.25, 0.25),
+        ("0", None),
+        (0, None),
+        ("0s", None),
+        ("never", None),
+        ("NEVER", None),
+    ],
+)
+def test_parse_duration(text: str | float, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "m", "-1s", "30m1h", "5m5m", -1, float("inf"), float("nan"), True])
+def test_parse_duration_rejects(text: str | float) -> None:
+    with pytest.raises(ConfigError, match="invalid duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        (1024, 1024),
+        ("1024", 1024),
+        ("512MiB", 512 * 2**20),
+        ("8GiB", 8 * 2**30),
+        ("1.5GB", 1_500_000_000),
+        ("100MB", 100_000_000),
+        ("100 mb", 100_000_000),
+        ("2KiB", 2048),
+        ("3kB", 3000),
+        ("1TiB", 2**40),
+        ("10B", 10),
+        ("1.1KiB", 1126),
+    ],
+)
+def test_parse_size(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GB", "5K", "1.5 gigs", "-1", -1, 1.5, True])
+def test_parse_size_rejects(text: str | int) -> None:
+    with pytest.raises(ConfigError, match="invalid size"):
+        parse_size(text)
