@@ -1,0 +1,173 @@
+"""The ``llamaproc`` command.
+
+``llamaproc run MODEL PROMPT``   stream a completion to stdout
+``llamaproc demo``               write a tiny model and run it on the bundled llama-server
+``llamaproc discover DIR``       list the GGUF models in a folder
+``llamaproc serve --config F``   run the multi-model daemon (OpenAI HTTP + Unix socket)
+``llamaproc chat MODEL [PROMPT]``  chat with a model, directly or through the daemon (``--daemon``)
+``llamaproc ps`` / ``llamaproc stop``  the running daemon's models / stop it
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from ._backend import discover, find_backend
+from ._exceptions import LlamaprocError
+from ._model import load_model
+
+__all__ = ["main"]
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+async def _run(args: argparse.Namespace) -> int:
+    async with await load_model(
+        args.model,
+        binary=args.binary,
+        ctx_size=args.ctx_size,
+        gpu_layers=args.gpu_layers,
+        log_output=args.verbose,
+    ) as model:
+        async with model.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature) as stream:
+            async for token in stream:
+                _write(token.text)
+        _write("\n")
+        if args.stats and model.last_metrics is not None:
+            m = model.last_metrics
+            print(
+                f"[{m.prompt_tokens} prompt tokens in {m.prefill_ms:.1f} ms, "
+                f"{m.generated_tokens} generated at {m.decode_tokens_per_s:.0f} tokens/s]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .testing import write_tiny_model
+
+    backend = find_backend(args.binary)
+    print(f"llama-server: {backend.binary} ({backend.flavour} build, found via {backend.source})")
+    with tempfile.TemporaryDirectory(prefix="llamaproc-demo-") as tmp:
+        path = write_tiny_model(Path(tmp) / "tiny.gguf")
+        print(f"model: {path} ({path.stat().st_size / 1e6:.1f} MB, random weights: expect gibberish)")
+        started = time.perf_counter()
+        async with await load_model(path, binary=backend.binary, parallel=2, embeddings=True) as model:
+            print(f"loaded in {(time.perf_counter() - started) * 1000:.0f} ms: pid {model.pid} at {model.base_url}")
+            prompt = "hello world"
+            _write(f"\ngenerate({prompt!r}):\n  ")
+            async with model.generate(prompt, max_tokens=32) as stream:
+                async for token in stream:
+                    _write(token.text)
+            metrics = model.last_metrics
+            if metrics is not None:
+                _write(f"\n  [{metrics.generated_tokens} tokens at {metrics.decode_tokens_per_s:.0f} tokens/s]\n")
+            _write("\nchat([{'role': 'user', 'content': 'hi'}]):\n  ")
+            async with model.chat([{"role": "user", "content": "hi"}], max_tokens=16) as stream:
+                async for token in stream:
+                    _write(token.text)
+            vectors = await model.embed(["red", "blue"])
+            _write(f"\n\nembed(['red', 'blue']): 2 vectors of {len(vectors[0])} floats\n")
+        print(f"closed: llama-server exited with code {model.returncode}")
+    return 0
+
+
+def _discover(args: argparse.Namespace) -> int:
+    models = discover(args.directory)
+    if not models:
+        print(f"no GGUF models in {args.directory}")
+        return 1
+    print(f"{'file':40} {'arch':10} {'type':10} {'size':>10} {'ctx':>8}")
+    for info in models:
+        size = f"{info.size_bytes / 2**20:.1f} MiB"
+        print(f"{Path(info.path).name:40} {info.architecture or '?':10} {info.file_type or '?':10} "
+              f"{size:>10} {info.context_length or 0:>8}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamaproc", description="Supervise llama.cpp's llama-server.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log llama-server's output to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="stream a completion of PROMPT by MODEL to stdout")
+    run.add_argument("model", help="path of a GGUF model")
+    run.add_argument("prompt")
+    run.add_argument("--max-tokens", type=int, default=256)
+    run.add_argument("--temperature", type=float, default=0.0)
+    run.add_argument("--ctx-size", type=int, default=None)
+    run.add_argument("--gpu-layers", type=int, default=None)
+    run.add_argument("--binary", default=None, help="llama-server to use")
+    run.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+
+    demo = sub.add_parser("demo", help="write a tiny model and run it on the bundled llama-server")
+    demo.add_argument("--binary", default=None, help="llama-server to use")
+
+    disc = sub.add_parser("discover", help="list the GGUF models in a folder")
+    disc.add_argument("directory")
+
+    serve = sub.add_parser("serve", help="run the multi-model daemon in the foreground")
+    serve.add_argument("--config", required=True, help="TOML config file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8484, help="HTTP port (0: any free port)")
+    serve.add_argument("--socket", default=None, help="Unix socket path (default: STATE_DIR/serve.sock)")
+    serve.add_argument("--state-dir", default=None, help="pid file and state (default: ~/.llamaproc)")
+
+    chat = sub.add_parser("chat", help="chat with a model: a GGUF path, or a daemon's model with --daemon")
+    chat.add_argument("model")
+    chat.add_argument("prompt", nargs="?", default=None, help="one message; interactive when omitted")
+    chat.add_argument("--daemon", action="store_true", help="talk to the running `llamaproc serve`")
+    chat.add_argument("--socket", default=None)
+    chat.add_argument("--state-dir", default=None)
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--binary", default=None, help="llama-server to use (without --daemon)")
+
+    for name, text in (("ps", "list the running daemon's models"), ("stop", "stop the running daemon")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--state-dir", default=None)
+        p.add_argument("--socket", default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "run":
+            return anyio.run(_run, args)
+        if args.command == "demo":
+            return anyio.run(_demo, args)
+        if args.command == "discover":
+            return _discover(args)
+        if args.command == "serve":
+            from ._daemon import cmd_serve
+
+            return cmd_serve(args)
+        from . import _daemon_cli
+
+        command = {"chat": _daemon_cli.cmd_chat, "ps": _daemon_cli.cmd_ps, "stop": _daemon_cli.cmd_stop}
+        return command[args.command](args)
+    except LlamaprocError as exc:
+        print(f"llamaproc: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
