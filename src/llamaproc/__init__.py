@@ -12,11 +12,15 @@
 
 from ._backend import Backend, discover, find_backend, read_gguf_info
 from ._client import LlamaClient, TokenStream
+from ._config import ModelConfig, ServeConfig, load_config
 from ._exceptions import (
     AlreadyRunningError,
     BinaryNotFoundError,
     ClosedError,
     ConfigError,
+    DaemonError,
+    DaemonNotRunningError,
+    DaemonRequestError,
     IncompleteStreamError,
     LlamaprocError,
     ModelFileError,
@@ -37,7 +41,9 @@ from ._exceptions import (
     UsageError,
 )
 from ._model import TextModel, load_model
+from ._pool import ModelPool, PoolStats
 from ._process import ServerProcess
+from ._supervisor import Condition, ModelStatus, Phase, Supervisor
 from ._types import Completion, GGUFInfo, Health, ModelInfo, RequestMetrics, Timings, Token, Usage
 
 __version__ = "0.1.0"
@@ -48,20 +54,30 @@ __all__ = [
     "BinaryNotFoundError",
     "ClosedError",
     "Completion",
+    "Condition",
     "ConfigError",
+    "DaemonError",
+    "DaemonNotRunningError",
+    "DaemonRequestError",
     "GGUFInfo",
     "Health",
     "IncompleteStreamError",
     "LlamaClient",
     "LlamaprocError",
+    "ModelConfig",
     "ModelFileError",
     "ModelInfo",
     "ModelNotFoundError",
+    "ModelPool",
+    "ModelStatus",
     "ModelUnavailableError",
+    "Phase",
     "PoolError",
+    "PoolStats",
     "ProcessError",
     "QueueFullError",
     "RequestMetrics",
+    "ServeConfig",
     "ServerCrashedError",
     "ServerError",
     "ServerLoadingError",
@@ -71,6 +87,7 @@ __all__ = [
     "StartupTimeoutError",
     "StatusError",
     "StreamError",
+    "Supervisor",
     "TextModel",
     "Timings",
     "Token",
@@ -81,6 +98,7 @@ __all__ = [
     "__version__",
     "discover",
     "find_backend",
+    "load_config",
     "load_model",
     "read_gguf_info",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -212,6 +213,10 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
     )
 
 
+# llama.cpp's split models: PREFIX-00001-of-00003.gguf, PREFIX-00002-of-00003.gguf, ...
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})$")
+
+
 def discover(directory: str | os.PathLike[str], *, recursive: bool = True) -> list[GGUFInfo]:
     """List the GGUF models in ``directory`` with their metadata, sorted by path.
 
@@ -224,7 +229,10 @@ def discover(directory: str | os.PathLike[str], *, recursive: bool = True) -> li
     pattern = "**/*.gguf" if recursive else "*.gguf"
     found: list[GGUFInfo] = []
     for path in sorted(root.glob(pattern)):
-        if not path.is_file() or ("-of-" in path.stem and not path.stem.rsplit("-of-", 1)[0].endswith("00001")):
+        if not path.is_file():
+            continue
+        shard = _SHARD.search(path.stem)
+        if shard is not None and int(shard.group(1)) != 1:
             continue
         try:
             found.append(read_gguf_info(path))

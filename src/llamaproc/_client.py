@@ -51,7 +51,8 @@ def _translate(exc: Exception, *, in_stream: bool = False) -> LlamaprocError:
         return TransportError(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, httpx.HTTPError):
         return ServerError(f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, (json.JSONDecodeError, KeyError, IndexError, TypeError)):
+    if isinstance(exc, (ValueError, KeyError, IndexError, TypeError, AttributeError)):
+        # ValueError covers bad JSON, undecodable bytes, pydantic validation and metrics parsing.
         return ServerError(f"malformed answer from llama-server: {exc!r}")
     raise exc
 
@@ -162,11 +163,13 @@ class TokenStream:
                         "the stream ended without its final event" + ("" if self._kind == "native" else " ([DONE])")
                     ) from None
                 token = self._parse(sse.data)
+                if self._done:
+                    # The final event; it may carry the last text (native ``stop`` chunk).
+                    await self._finish()
+                    if token is None:
+                        raise StopAsyncIteration
                 if token is not None:
                     return token
-                if self._done:
-                    await self._finish()
-                    raise StopAsyncIteration
         except (StopAsyncIteration, GeneratorExit):
             raise
         except BaseException as exc:
@@ -204,7 +207,9 @@ class TokenStream:
             "POST",
             self._path,
             json=self._body,
-            headers={"Accept": "text/event-stream", "Cache-Control": "no-store"},
+            # llama-server closes the connection after every streamed answer while announcing
+            # keep-alive; saying so up front keeps the dead connection out of the pool.
+            headers={"Accept": "text/event-stream", "Cache-Control": "no-store", "Connection": "close"},
         )
         client._streams.add(self)
         self._response = response = await http.send(request, stream=True)
@@ -294,7 +299,10 @@ class TokenStream:
         events = self._events
         if events is not None:
             with anyio.move_on_after(1.0):
-                async for _ in events:
+                try:
+                    async for _ in events:
+                        pass
+                except Exception:  # noqa: BLE001 - the answer is complete; draining is best effort
                     pass
         await self._close_response()
         if self.done_hook is not None:
@@ -338,7 +346,10 @@ class LlamaClient:
             timeout=timeout,
             transport=transport,
             headers=headers,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # Each open connection holds one of llama-server's few HTTP threads: keep few idle ones.
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=4, keepalive_expiry=2.0
+            ),
             trust_env=False,
         )
         self._streams: set[TokenStream] = set()
@@ -409,11 +420,17 @@ class LlamaClient:
         from prometheus_client.parser import text_string_to_metric_families
 
         response = await self._request("GET", "/metrics")
-        return {
-            sample.name: float(sample.value)
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples
-        }
+        # Without its TYPE lines the parser keeps every sample name as exposed: it would
+        # rename a counter without the ``_total`` suffix (llamacpp:n_tokens_max).
+        text = "\n".join(line for line in response.text.splitlines() if not line.startswith("# TYPE "))
+        try:
+            return {
+                sample.name: float(sample.value)
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+            }
+        except ValueError as exc:
+            raise _translate(exc) from exc
 
     # -- tokens ------------------------------------------------------------------------------------
 

@@ -22,6 +22,9 @@
     │   ├── ModelUnavailableError    the model is Failed (too many restarts) or cannot be loaded
     │   ├── QueueFullError           admission refused: slots and queue full; .retry_after
     │   └── ShuttingDownError        the pool is draining and takes no new requests
+    ├── DaemonError                  talking to a running `llamaproc serve` over its socket
+    │   ├── DaemonNotRunningError    no daemon answers
+    │   └── DaemonRequestError       the daemon answered with an error event; .code, .message
     └── UsageError (also RuntimeError)
         └── ClosedError              the object was used after close()
 """
@@ -29,7 +32,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,9 @@ __all__ = [
     "BinaryNotFoundError",
     "ClosedError",
     "ConfigError",
+    "DaemonError",
+    "DaemonNotRunningError",
+    "DaemonRequestError",
     "IncompleteStreamError",
     "LlamaprocError",
     "ModelFileError",
@@ -204,6 +210,25 @@ class QueueFullError(PoolError):
 
 class ShuttingDownError(PoolError):
     """The pool is shutting down and takes no new requests."""
+
+
+class DaemonError(LlamaprocError):
+    """Talking to the daemon over its socket failed."""
+
+
+class DaemonNotRunningError(DaemonError):
+    """No daemon answers on the socket."""
+
+
+class DaemonRequestError(DaemonError):
+    """The daemon answered a request with an error event; ``code`` and ``message`` are its fields."""
+
+    def __init__(self, event: Mapping[str, Any]) -> None:
+        self.event = dict(event)
+        self.code: str = str(event.get("code", "error"))
+        self.message: str = str(event.get("message", ""))
+        self.retry_after: float | None = event.get("retry_after")
+        super().__init__(f"{self.code}: {self.message}")
 
 
 class UsageError(LlamaprocError, RuntimeError):

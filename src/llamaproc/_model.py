@@ -20,10 +20,12 @@ from ._backend import Backend, find_backend, read_gguf_info
 from ._client import DEFAULT_TIMEOUT, LlamaClient, TokenStream
 from ._exceptions import (
     ClosedError,
+    IncompleteStreamError,
     LlamaprocError,
     ModelFileError,
     ServerCrashedError,
     ServerError,
+    TransportError,
 )
 from ._process import ServerProcess
 from ._types import Completion, GGUFInfo, ModelInfo, RequestMetrics
@@ -108,12 +110,21 @@ class TextModel:
         return error
 
     async def _explain(self, error: LlamaprocError) -> LlamaprocError:
-        """Turn a server error into ServerCrashedError when the child is what died."""
-        if isinstance(error, ServerError) and not self._closed:
-            # A cut connection is seen before the exit status: give the kernel a moment.
-            with anyio.move_on_after(0.5):
-                while self._process.returncode is None:
-                    await anyio.sleep(0.01)
+        """Turn a server error into ServerCrashedError when the child is what died.
+
+        A call cut short by :meth:`close` raises ClosedError, as a stream does.
+        """
+        if isinstance(error, ServerError) and self._closed:
+            closed = ClosedError("the model was closed during the call")
+            closed.__cause__ = error
+            error = closed
+        elif isinstance(error, ServerError):
+            if isinstance(error, (TransportError, IncompleteStreamError)):
+                # A cut connection is seen before the exit status: give the kernel a moment.
+                # (An error answer came from a live server: no need to wait for that.)
+                with anyio.move_on_after(0.5):
+                    while self._process.returncode is None:
+                        await anyio.sleep(0.01)
             if self._process.returncode is not None:
                 crashed = self._crashed()
                 crashed.__cause__ = error

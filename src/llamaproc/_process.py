@@ -82,7 +82,7 @@ class OutputBuffer:
                 self._head.append(line)
             else:
                 self._tail.append(line)
-            if _RELEVANT.search(raw):
+            if _is_relevant(raw):
                 self._relevant.append(line)
 
     @property
@@ -111,6 +111,19 @@ class OutputBuffer:
             last = [*self._head, *self._tail][-tail:]
         seen = set(relevant)
         return "\n".join(relevant + [line for line in last if line not in seen])
+
+
+def _is_relevant(raw: bytes) -> bool:
+    """Whether a line explains a failure.
+
+    llama.cpp's log lines carry a level letter (``0.00.005.583 E gguf_init...``):
+    trust it, so that a model path containing "error" does not count. Lines
+    without one (argument errors, assertions, backtraces) are matched by words.
+    """
+    parts = raw.split(None, 2)
+    if len(parts) >= 2 and parts[1] in _LEVELS and parts[0][:1].isdigit():
+        return parts[1] == b"E"
+    return _RELEVANT.search(raw) is not None
 
 
 def _pdeathsig() -> Callable[[], None] | None:
@@ -294,7 +307,8 @@ class ServerProcess:
         try:
             while True:
                 if self.returncode is not None:
-                    self._reader.join(timeout=1.0)  # collect the last lines it printed
+                    # Collect the last lines it printed, without blocking the event loop.
+                    await anyio.to_thread.run_sync(self._reader.join, 1.0, abandon_on_cancel=True)
                     raise self._exited_error()
                 now = time.monotonic()
                 if self.port is None and now >= next_socket_probe:
@@ -365,9 +379,10 @@ class ServerProcess:
                     self._signal(signal.SIGKILL)
                     if not await self._wait_exit(10.0):
                         raise ProcessError(f"llama-server pid {self.pid} survived SIGKILL")
-            else:
-                # Already gone (crashed): still kill anything left in its group.
-                self._signal(signal.SIGKILL)
+            # The child is gone (stopped or crashed): kill anything left in its group, such as a
+            # process it spawned that ignores SIGTERM. The group id cannot be reused while any
+            # member lives, so this reaches only the child's own descendants.
+            self._signal(signal.SIGKILL)
             self._stopped = True
             # The pipe closes with the child; a grandchild holding it open must not hang us.
             await anyio.to_thread.run_sync(self._reader.join, 2.0, abandon_on_cancel=True)

@@ -89,7 +89,8 @@ def write_tiny_model(
     rng = np.random.default_rng(seed)
 
     def weight(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.5 / np.sqrt(shape[-1]) * 4).astype(np.float32)
+        values: np.ndarray = (rng.standard_normal(shape) * 2.0 / np.sqrt(shape[-1])).astype(np.float32)
+        return values
 
     writer = GGUFWriter(str(target), "llama")
     writer.add_name("llamaproc-tiny")

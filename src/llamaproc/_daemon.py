@@ -1,0 +1,264 @@
+"""``llamaproc serve``: the daemon that keeps models loaded and serves them over HTTP and a Unix socket.
+
+:func:`run_daemon` runs everything in one anyio task group on asyncio: the
+model pool, a uvicorn server with the OpenAI-compatible app (uvicorn's own
+signal handling disabled) and the socket server. It holds a pid lock in the
+state directory and writes ``serve.json`` (pid, HTTP URL, socket path) once it
+listens, for clients to find it.
+
+On SIGTERM or SIGINT it stops admitting requests (new ones get 503), waits up
+to ``drain_timeout`` for the requests in flight to finish, stops the HTTP and
+socket servers, then the llama-server children, removes its files and returns.
+A second signal during the drain stops waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import uvicorn
+
+from ._config import ServeConfig, load_config
+from ._exceptions import AlreadyRunningError, ConfigError, LlamaprocError
+from ._http import DEFAULT_MAX_BODY, Upstream, create_app
+from ._metrics import ServeMetrics
+from ._pidlock import PidLock
+
+if TYPE_CHECKING:
+    from ._pool import ModelPool
+
+__all__ = ["DaemonInfo", "cmd_serve", "default_state_dir", "run_daemon"]
+
+_log = logging.getLogger("llamaproc.serve")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8484
+PID_FILE = "serve.pid"
+INFO_FILE = "serve.json"
+SOCKET_FILE = "serve.sock"
+#: How long the HTTP server waits for open connections once the pool has drained.
+HTTP_SHUTDOWN_TIMEOUT = 5
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    """Where a running daemon can be reached (the content of ``serve.json``)."""
+
+    pid: int
+    http: str
+    socket: str | None
+    state_dir: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "http": self.http, "socket": self.socket}
+
+
+def default_state_dir() -> Path:
+    """``~/.llamaproc``."""
+    return Path.home() / ".llamaproc"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the daemon handles SIGTERM/SIGINT itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (bound here, so that errors and the real port are known at once)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, address = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _write_info(path: Path, info: DaemonInfo) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(info.to_json(), f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _removing(path: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def run_daemon(
+    config: ServeConfig,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    socket_path: str | os.PathLike[str] | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    ready: Callable[[DaemonInfo], None] | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+) -> None:
+    """Serve ``config``'s models until SIGTERM or SIGINT, then shut down gracefully.
+
+    ``socket_path`` defaults to ``STATE_DIR/serve.sock`` and ``state_dir`` to
+    ``~/.llamaproc``. ``ready`` is called with the :class:`DaemonInfo` once
+    both servers listen (and ``serve.json`` is written). Raises
+    :class:`AlreadyRunningError` if another daemon holds the state dir's pid
+    lock and :class:`OSError` if the port cannot be bound. Must run on the
+    asyncio backend (uvicorn).
+    """
+    from ._pool import ModelPool
+
+    directory = Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    sock_path = Path(socket_path).expanduser() if socket_path is not None else directory / SOCKET_FILE
+    with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
+        stack.enter_context(PidLock(directory / PID_FILE))
+        listener = stack.enter_context(_bind(host, port))
+        url = _url(listener)
+        metrics = ServeMetrics()
+        async with Upstream() as client, ModelPool(config) as pool:
+            metrics.attach(pool)
+            app = create_app(pool, client=client, metrics=metrics, max_body=max_body)
+            server = _Server(
+                uvicorn.Config(
+                    app,
+                    lifespan="off",
+                    log_config=None,
+                    log_level="warning",
+                    access_log=False,
+                    timeout_graceful_shutdown=HTTP_SHUTDOWN_TIMEOUT,
+                )
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.serve, [listener])
+                while not server.started:
+                    await anyio.sleep(0.005)
+                socket_scope = anyio.CancelScope()
+                socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics)
+                info = DaemonInfo(pid=os.getpid(), http=url, socket=socket_url, state_dir=directory)
+                stack.enter_context(_removing(directory / INFO_FILE))
+                _write_info(directory / INFO_FILE, info)
+                _log.info("llamaproc serve: listening on %s", url)
+                _log.info("llamaproc serve: socket %s", socket_url)
+                if ready is not None:
+                    ready(info)
+
+                async for signum in signals:
+                    _log.info("llamaproc serve: %s received, draining", signal.Signals(signum).name)
+                    break
+                await _drain(pool, config.drain_timeout, signals)
+                server.should_exit = True
+                socket_scope.cancel()
+            _log.info("llamaproc serve: stopping models")
+        _log.info("llamaproc serve: stopped")
+
+
+async def _drain(pool: ModelPool, timeout: float, signals: AsyncIterator[int]) -> None:
+    """Wait for in-flight requests (up to ``timeout``); a second signal stops waiting."""
+    async with anyio.create_task_group() as tg:
+
+        async def second_signal() -> None:
+            async for signum in signals:
+                _log.warning(
+                    "llamaproc serve: %s received again, not waiting for requests", signal.Signals(signum).name
+                )
+                tg.cancel_scope.cancel()
+                return
+
+        tg.start_soon(second_signal)
+        drained = await pool.drain(timeout)
+        if not drained:
+            _log.warning("llamaproc serve: requests still in flight after %gs, stopping anyway", timeout)
+        tg.cancel_scope.cancel()
+
+
+async def _start_socket(
+    tg: anyio.abc.TaskGroup, scope: anyio.CancelScope, pool: ModelPool, path: Path, metrics: ServeMetrics
+) -> str:
+    """Start the Unix socket server in ``tg``, cancellable through ``scope``; return its path."""
+    from ._socket import serve_socket
+
+    async def run(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await serve_socket(pool, path, metrics=metrics, task_status=task_status)
+
+    await tg.start(run)
+    return str(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``llamaproc serve``: 0 after a graceful stop, 1 if already running or unable to start, 2 for a bad config."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"llamaproc serve: {exc}", file=sys.stderr)
+        return 2
+    state_dir = getattr(args, "state_dir", None)
+    # The supervisors' health probes would log a line each.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        anyio.run(
+            lambda: run_daemon(
+                config,
+                host=getattr(args, "host", None) or DEFAULT_HOST,
+                port=DEFAULT_PORT if getattr(args, "port", None) is None else args.port,
+                socket_path=getattr(args, "socket", None),
+                state_dir=state_dir,
+            ),
+            backend="asyncio",
+        )
+    except AlreadyRunningError as exc:
+        who = f"pid {exc.pid}" if exc.pid is not None else "another process"
+        print(f"llamaproc serve: already running ({who}, lock {exc.path})", file=sys.stderr)
+        return 1
+    except (OSError, LlamaprocError) as exc:
+        print(f"llamaproc serve: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # A failure inside the task group (e.g. the socket cannot be bound): report the cause.
+        errors = _leaves(group)
+        if not all(isinstance(e, (OSError, LlamaprocError)) for e in errors):
+            raise
+        for error in errors:
+            print(f"llamaproc serve: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves

@@ -1,0 +1,416 @@
+"""``llamaproc chat``, ``ps`` and ``stop``: the command-line clients of ``llamaproc serve``.
+
+They find the daemon through its state directory (``--state-dir``, default
+``~/.llamaproc``): the socket named in ``serve.json`` (or ``serve.sock``, or
+``--socket``) and the pid in ``serve.pid``. :class:`DaemonClient` is a small
+blocking client of the socket protocol (see :mod:`llamaproc._socket`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Generator, Mapping, Sequence
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import psutil
+
+from ._exceptions import DaemonError, DaemonNotRunningError, DaemonRequestError, LlamaprocError
+from ._pidlock import read_pid
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "DaemonClient",
+    "DaemonError",
+    "DaemonNotRunningError",
+    "DaemonRequestError",
+    "cmd_chat",
+    "cmd_ps",
+    "cmd_stop",
+    "find_socket",
+    "state_dir",
+]
+
+DEFAULT_STATE_DIR = "~/.llamaproc"
+#: How long ``llamaproc stop`` waits for the daemon to exit (drain deadline + stopping children).
+STOP_TIMEOUT = 40.0
+
+Message = Mapping[str, Any]
+
+
+# --- finding the daemon ----------------------------------------------------------------------------
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    """``--state-dir``, else ``~/.llamaproc``."""
+    return Path(getattr(args, "state_dir", None) or DEFAULT_STATE_DIR).expanduser()
+
+
+def find_socket(args: argparse.Namespace) -> Path:
+    """``--socket``, else the socket named in ``STATE_DIR/serve.json``, else ``STATE_DIR/serve.sock``."""
+    given = getattr(args, "socket", None)
+    if given:
+        return Path(given).expanduser()
+    directory = state_dir(args)
+    try:
+        info = json.loads((directory / "serve.json").read_text())
+    except (OSError, ValueError):
+        info = None
+    if isinstance(info, dict) and isinstance(info.get("socket"), str):
+        return Path(info["socket"])
+    return directory / "serve.sock"
+
+
+# --- the client ----------------------------------------------------------------------------------
+
+
+class DaemonClient:
+    """A blocking client of the daemon's socket protocol.
+
+    ``with DaemonClient(path) as client:``; :meth:`call` sends one request and
+    returns its ``result`` (or ``done``) event, :meth:`stream` yields the
+    events of a streaming request. Errors come back as
+    :class:`DaemonRequestError`. Meant for one request at a time: events of
+    other ids are skipped. ``timeout`` bounds each socket operation.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float | None = None) -> None:
+        self.path = Path(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(os.fspath(self.path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise DaemonNotRunningError(
+                f"no llamaproc daemon is listening on {self.path} (start one with `llamaproc serve --config FILE`)"
+            ) from exc
+        except OSError as exc:
+            sock.close()
+            raise DaemonError(f"cannot connect to {self.path}: {exc}") from exc
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def new_id(self) -> str:
+        return str(next(self._ids))
+
+    def send(self, request: Mapping[str, Any]) -> None:
+        """Send one request line."""
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as exc:
+            raise DaemonError(f"lost the connection to the daemon: {exc}") from exc
+
+    def receive(self) -> dict[str, Any]:
+        """The next event line."""
+        try:
+            line = self._reader.readline()
+        except OSError as exc:
+            raise DaemonError(f"lost the connection to the daemon: {exc}") from exc
+        if not line:
+            raise DaemonError("the daemon closed the connection")
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+    def stream(self, op: str, **fields: Any) -> Generator[dict[str, Any], None, None]:
+        """Send a request; yield its events up to and including the last (``done`` or ``result``).
+
+        If the caller stops early (``break``, KeyboardInterrupt), the request
+        is cancelled and its remaining events are read away.
+        """
+        rid = self.new_id()
+        self.send({"id": rid, "op": op, **fields})
+        finished = False
+        try:
+            while True:
+                event = self.receive()
+                if event.get("id") != rid:
+                    continue
+                kind = event.get("event")
+                if kind == "error":
+                    finished = True
+                    raise DaemonRequestError(event)
+                if kind in ("done", "result"):
+                    finished = True
+                    yield event
+                    return
+                yield event
+        finally:
+            if not finished:
+                self._cancel_and_drain(rid)
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a request and return its final event (``result`` or ``done``)."""
+        event: dict[str, Any] = {}
+        for event in self.stream(op, **fields):
+            pass
+        return event
+
+    def _cancel_and_drain(self, rid: str) -> None:
+        try:
+            self.send({"op": "cancel", "id": rid})
+            while True:
+                event = self.receive()
+                if event.get("id") == rid and event.get("event") in ("done", "result", "error"):
+                    return
+        except DaemonError:
+            pass
+
+
+# --- llamaproc chat --------------------------------------------------------------------------------
+
+Reply = Callable[[Sequence[Message]], str]
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """``llamaproc chat MODEL [PROMPT] [--daemon]``: one reply, or a conversation read from stdin."""
+    params: dict[str, Any] = {"max_tokens": getattr(args, "max_tokens", 256)}
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None:
+        params["temperature"] = temperature
+    try:
+        if getattr(args, "daemon", False):
+            with DaemonClient(find_socket(args)) as client:
+                return _converse(args, partial(_daemon_reply, client, args.model, params))
+        return _chat_direct(args, params)
+    except DaemonNotRunningError as exc:
+        _err(f"llamaproc chat: {exc}")
+        return 1
+
+
+def _converse(args: argparse.Namespace, reply: Reply) -> int:
+    if args.prompt is not None:
+        try:
+            reply([{"role": "user", "content": args.prompt}])
+        except DaemonRequestError as exc:
+            _err(f"\nllamaproc chat: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            _out("\n")
+            return 130
+        return 0
+    return _repl(reply)
+
+
+def _repl(reply: Reply) -> int:
+    """Read user lines until EOF (or /bye), keeping the conversation. Ctrl-C stops a reply."""
+    history: list[Message] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _err("(/bye or Ctrl-D to leave, /reset to forget the conversation, Ctrl-C stops a reply)")
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            _err("")
+            return 0
+        if not line:
+            if interactive:
+                _err("")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history.clear()
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            answer = reply(history)
+        except DaemonRequestError as exc:
+            _err(f"\nllamaproc chat: {exc}")
+            history.pop()
+            continue
+        except KeyboardInterrupt:
+            _out("\n")
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})
+
+
+def _daemon_reply(client: DaemonClient, model: str, params: Mapping[str, Any], messages: Sequence[Message]) -> str:
+    pieces: list[str] = []
+    # closing(): on Ctrl-C the request is cancelled at once, not when the traceback is dropped.
+    with contextlib.closing(client.stream("chat", model=model, messages=list(messages), **params)) as events:
+        for event in events:
+            if event.get("event") == "token":
+                text = event.get("text", "")
+                pieces.append(text)
+                _out(text)
+    _out("\n")
+    return "".join(pieces)
+
+
+def _chat_direct(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
+    """Without ``--daemon``: MODEL is a GGUF path, loaded for this conversation only."""
+    import anyio.from_thread
+
+    from ._model import TextModel, load_model
+
+    path = Path(args.model).expanduser()
+    if not path.is_file():
+        _err(f"llamaproc chat: no model file {path}; to chat with a model of the running daemon, add --daemon")
+        return 1
+
+    async def stream_reply(model: TextModel, messages: Sequence[Message]) -> str:
+        pieces: list[str] = []
+        async with model.chat(messages, **params) as stream:
+            async for token in stream:
+                pieces.append(token.text)
+                _out(token.text)
+        _out("\n")
+        return "".join(pieces)
+
+    with anyio.from_thread.start_blocking_portal() as portal:
+        model = portal.call(partial(load_model, path, binary=getattr(args, "binary", None)))
+        try:
+
+            def reply(messages: Sequence[Message]) -> str:
+                future = portal.start_task_soon(stream_reply, model, list(messages))
+                try:
+                    return future.result()
+                except KeyboardInterrupt:
+                    future.cancel()
+                    concurrent.futures.wait([future], timeout=5)
+                    raise
+
+            return _converse(args, reply)
+        finally:
+            portal.call(model.close)
+
+
+# --- llamaproc ps ----------------------------------------------------------------------------------
+
+_COLUMNS = ("NAME", "PHASE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS", "LAST USED")
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    """``llamaproc ps``: a table of the daemon's models and their state."""
+    try:
+        with DaemonClient(find_socket(args), timeout=10.0) as client:
+            status = client.call("status")
+    except DaemonError as exc:
+        _err(f"llamaproc ps: {exc}")
+        return 1
+    _out(format_table(status.get("models", [])))
+    return 0
+
+
+def format_table(models: Sequence[Mapping[str, Any]], *, now: datetime | None = None) -> str:
+    """The ``llamaproc ps`` table of ``status`` entries."""
+    rows = [_COLUMNS]
+    for m in models:
+        rows.append(
+            (
+                str(m.get("name", "?")),
+                str(m.get("phase", "?")),
+                _dash(m.get("pid")),
+                _dash(m.get("port")),
+                _dash(m.get("in_flight")),
+                _dash(m.get("queued")),
+                _dash(m.get("restarts")),
+                _ago(m.get("last_used"), now),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows)
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _ago(value: Any, now: datetime | None) -> str:
+    if not isinstance(value, str):
+        return "-"
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    seconds = max(0.0, ((now or datetime.now(UTC)) - when).total_seconds())
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h ago"
+    return f"{seconds / 86400:.1f}d ago"
+
+
+# --- llamaproc stop --------------------------------------------------------------------------------
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """``llamaproc stop``: SIGTERM to the daemon of the pid file, then wait until it has exited."""
+    pid_file = state_dir(args) / "serve.pid"
+    pid = read_pid(pid_file)
+    if pid is None:
+        _err(f"llamaproc stop: not running (no live daemon holds {pid_file})")
+        return 1
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        _err(f"llamaproc stop: not running (pid {pid} has already exited)")
+        return 1
+    timeout = float(getattr(args, "timeout", None) or STOP_TIMEOUT)
+    _err(f"llamaproc stop: sent SIGTERM to the daemon (pid {pid}); waiting for it to finish its requests")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            _err("llamaproc stop: stopped")
+            return 0
+        time.sleep(0.05)
+    _err(f"llamaproc stop: the daemon (pid {pid}) is still running after {timeout:g}s")
+    return 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

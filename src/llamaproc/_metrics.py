@@ -1,0 +1,156 @@
+"""Prometheus metrics of ``llamaproc serve``.
+
+:class:`ServeMetrics` owns its own :class:`~prometheus_client.CollectorRegistry`
+(nothing leaks into the process-wide default registry). Request counters and
+histograms are updated by the HTTP and socket front ends; the pool's state
+(queue depth, in flight, loaded models, loads, evictions, restarts) is read
+from the pool at scrape time, so it can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ._pool import ModelPool
+
+__all__ = ["CONTENT_TYPE", "ServeMetrics"]
+
+#: The ``Content-Type`` of :meth:`ServeMetrics.render`'s output.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+#: Label used for requests naming a model that is not configured (bounds the label set).
+UNKNOWN_MODEL = "(unknown)"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServeMetrics:
+    """The daemon's counters, histograms and pool gauges.
+
+    ``api`` labels say which front end served a request: ``"http"`` or
+    ``"socket"``. Model names that the pool does not know are recorded as
+    ``"(unknown)"`` so that clients cannot grow the label set at will.
+    """
+
+    def __init__(self, pool: ModelPool | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._pool: ModelPool | None = None
+        self._names: frozenset[str] = frozenset()
+        self.requests = Counter(
+            "llamaproc_requests",
+            "Requests answered, by model, front end and outcome (an HTTP status code or an error code).",
+            ["model", "api", "status"],
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "llamaproc_requests_in_progress",
+            "Requests being handled now (queued or generating).",
+            ["model", "api"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "llamaproc_generated_tokens",
+            "Tokens generated.",
+            ["model", "api"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "llamaproc_request_duration_seconds",
+            "Time from a request's arrival to its last byte, queueing included.",
+            ["model", "api"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "llamaproc_time_to_first_token_seconds",
+            "Time from a request's arrival to its first generated token, queueing and loading included.",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_PoolCollector(self))
+        if pool is not None:
+            self.attach(pool)
+
+    def attach(self, pool: ModelPool) -> None:
+        """Read the pool's state at every scrape from now on."""
+        self._pool = pool
+        self._names = frozenset(pool.names())
+
+    def label(self, model: str) -> str:
+        """The ``model`` label for a requested name."""
+        if self._pool is None or model in self._names:
+            return model
+        return UNKNOWN_MODEL
+
+    def request_started(self, model: str, api: str) -> None:
+        self.in_progress.labels(self.label(model), api).inc()
+
+    def request_done(self, model: str, api: str, status: str, seconds: float, tokens: int) -> None:
+        """Record a finished request. Call exactly once per :meth:`request_started`."""
+        model = self.label(model)
+        self.in_progress.labels(model, api).dec()
+        self.requests.labels(model, api, status).inc()
+        self.latency.labels(model, api).observe(seconds)
+        if tokens:
+            self.tokens.labels(model, api).inc(tokens)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(self.label(model)).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _PoolCollector(Collector):
+    """Gauges and counters read from the pool at scrape time."""
+
+    def __init__(self, metrics: ServeMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self._metrics._pool
+        if pool is None:
+            return
+        statuses = pool.status()
+        queued = GaugeMetricFamily("llamaproc_model_queue_depth", "Requests waiting for a slot.", labels=["model"])
+        in_flight = GaugeMetricFamily("llamaproc_model_in_flight", "Requests holding a slot.", labels=["model"])
+        loaded = GaugeMetricFamily("llamaproc_model_loaded", "1 when the model is loaded.", labels=["model"])
+        phase = GaugeMetricFamily(
+            "llamaproc_model_phase", "1 for the model's current phase.", labels=["model", "phase"]
+        )
+        restarts = CounterMetricFamily(
+            "llamaproc_model_restarts", "Restarts of the model's llama-server after a crash.", labels=["model"]
+        )
+        for s in statuses:
+            queued.add_metric([s.name], s.queued)
+            in_flight.add_metric([s.name], s.in_flight)
+            loaded.add_metric([s.name], 1 if s.loaded else 0)
+            phase.add_metric([s.name, str(s.phase)], 1)
+            restarts.add_metric([s.name], s.restarts)
+        yield queued
+        yield in_flight
+        yield loaded
+        yield phase
+        yield restarts
+        yield GaugeMetricFamily(
+            "llamaproc_loaded_models", "Models loaded now.", value=sum(1 for s in statuses if s.loaded)
+        )
+        stats = pool.stats
+        yield CounterMetricFamily("llamaproc_loads", "Model loads (first loads and reloads).", value=stats.loads)
+        yield CounterMetricFamily("llamaproc_evictions", "Models unloaded to make room.", value=stats.evictions)
+        yield CounterMetricFamily("llamaproc_restarts", "Restarts after a crash, all models.", value=stats.restarts)
+        yield CounterMetricFamily(
+            "llamaproc_idle_unloads", "Models unloaded after idle_timeout.", value=stats.idle_unloads
+        )

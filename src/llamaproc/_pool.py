@@ -1,0 +1,609 @@
+"""A pool of named models, loaded on demand, within a count and a memory budget.
+
+:class:`ModelPool` keeps one :class:`~llamaproc._supervisor.Supervisor` per
+model of a :class:`~llamaproc._config.ServeConfig` and hands out loaded
+models with :meth:`ModelPool.acquire`::
+
+    async with ModelPool(config) as pool:
+        async with pool.acquire("tiny") as model:
+            async with model.generate("hello", max_tokens=16) as stream:
+                async for tok in stream:
+                    ...
+
+Each ``acquire`` goes through three steps:
+
+1. **Admission.** Up to ``parallel`` requests per model hold a slot; up to
+   ``queue_size`` more wait for one, first come first served; beyond that
+   :class:`~llamaproc.QueueFullError` is raised at once, with a
+   ``retry_after`` estimated from recent request durations. A cancelled
+   waiter leaves the queue (a slot granted to it in the meantime is passed on).
+2. **Loading.** A model that is not loaded is loaded, after making room:
+   at most ``max_loaded_models`` models and, with a ``memory_budget``, their
+   :func:`estimate_memory` within it. Room is made by unloading the least
+   recently used model that has nothing in flight and nothing queued; when
+   every loaded model is busy the request waits until one goes idle (a model
+   that goes idle while a request waits for room is reserved for it at once,
+   so that new requests cannot keep it busy for ever). Requests for a model
+   that is loading wait for it.
+3. **Use.** The request keeps its slot until the ``async with`` block ends.
+
+A background task unloads models idle for ``idle_timeout``; the
+supervisors restart crashed models. :meth:`ModelPool.drain` stops admission
+and waits for what was admitted; leaving the ``async with`` stops every
+child.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from ._backend import read_gguf_info
+from ._config import ModelConfig, ServeConfig
+from ._exceptions import (
+    LlamaprocError,
+    ModelFileError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    QueueFullError,
+    ShuttingDownError,
+    UsageError,
+)
+from ._model import TextModel, load_model
+from ._supervisor import Loader, ModelStatus, Phase, Supervisor, _Unloaded
+
+__all__ = ["ModelPool", "PoolStats", "estimate_memory"]
+
+_log = logging.getLogger("llamaproc.pool")
+
+
+# --- memory estimate ---------------------------------------------------------------------------
+
+
+def estimate_memory(config: ModelConfig) -> int:
+    """Bytes one loaded model needs: its weights (the file size) plus the KV cache.
+
+    KV cache = 2 (K and V) × layers × context × (embedding width / heads ×
+    KV heads) × 2 bytes (f16). The context is ``ctx_size`` (or a
+    ``--ctx-size``/``-c`` in ``args``), else the model's trained context
+    length. Metadata that is missing counts as no KV cache; a file that is not
+    GGUF counts as its size. Reads the file's header (blocking).
+    """
+    path = config.path
+    try:
+        info = read_gguf_info(path)
+    except ModelFileError:
+        try:
+            return path.stat().st_size
+        except OSError:
+            return 0
+    ctx = _ctx_from_args(config.args)
+    if ctx is None:
+        ctx = config.ctx_size
+    if not ctx:
+        ctx = info.context_length or 0
+    layers = info.block_count or 0
+    width = info.embedding_length or 0
+    heads = info.head_count or 0
+    kv_heads = info.head_count_kv or heads
+    kv_width = width // heads * kv_heads if heads else width
+    return info.size_bytes + 2 * layers * ctx * kv_width * 2
+
+
+def _ctx_from_args(args: Sequence[str]) -> int | None:
+    ctx: int | None = None
+    for i, arg in enumerate(args):
+        value: str | None = None
+        if arg in ("--ctx-size", "-c") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--ctx-size="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            with contextlib.suppress(ValueError):
+                ctx = int(value)
+    return ctx
+
+
+# --- bookkeeping ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PoolStats:
+    """Counters since the pool was made; they only grow."""
+
+    loads: int = 0  #: successful loads, restarts included
+    evictions: int = 0  #: models unloaded to make room (LRU)
+    restarts: int = 0  #: restarts after a crash or a failed load
+    idle_unloads: int = 0  #: models unloaded after idle_timeout
+
+
+class _Waiter:
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.granted = False
+
+
+class _Entry:
+    """The pool's view of one model."""
+
+    def __init__(self, name: str, config: ModelConfig, supervisor: Supervisor) -> None:
+        self.name = name
+        self.config = config
+        self.supervisor = supervisor
+        self.memory = 0
+        self.in_flight = 0  # slot holders (using the model, or waiting for it to load)
+        self.using = 0  # slot holders that have the model
+        self.pins = 0  # explicit load() calls waiting for it
+        self.queue: collections.deque[_Waiter] = collections.deque()
+        self.evicting = False
+        self.last_used: datetime | None = None
+        self.last_used_mono = 0.0
+        self.avg_seconds: float | None = None  # recent request duration (EWMA)
+
+    @property
+    def active(self) -> bool:
+        return self.supervisor.active
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or bool(self.queue) or self.pins > 0
+
+    @property
+    def evictable(self) -> bool:
+        return self.active and not self.evicting and not self.busy
+
+    def touch(self) -> None:
+        self.last_used = datetime.now(UTC)
+        self.last_used_mono = time.monotonic()
+
+
+# --- the pool --------------------------------------------------------------------------------------
+
+
+class ModelPool:
+    """Named models from a :class:`ServeConfig`, loaded on demand; see the module docs.
+
+    ``loader`` loads one model (default :func:`llamaproc.load_model`).
+    ``health_interval`` is the supervisors' ``/health`` probe period
+    (``None``: exit watch only), ``health_timeout`` the time each probe may
+    take and ``health_failures`` the failed probes in a row that count as a
+    crash.
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        loader: Loader = load_model,
+        health_interval: float | None = 1.0,
+        health_timeout: float | None = None,
+        health_failures: int = 3,
+    ) -> None:
+        self.config = config
+        self.stats = PoolStats()
+        self._entries: dict[str, _Entry] = {}
+        for name, model_config in config.models.items():
+            supervisor = Supervisor(
+                name,
+                model_config,
+                loader=loader,
+                restart_backoff=config.restart_backoff,
+                restart_backoff_max=config.restart_backoff_max,
+                max_restarts=config.max_restarts,
+                restart_window=config.restart_window,
+                health_interval=health_interval,
+                health_timeout=health_timeout,
+                health_failures=health_failures,
+                on_change=self._supervisor_changed,
+            )
+            self._entries[name] = _Entry(name, model_config, supervisor)
+        self._draining = False
+        self._closed = False
+        self._entered = False
+        self._changed: anyio.Event | None = None
+        self._room_lock: anyio.Lock | None = None
+        self._room_wanted = False
+        self._reserved: list[_Entry] = []
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise UsageError("a ModelPool can be entered only once")
+        self._entered = True
+        self._room_lock = anyio.Lock()
+        for entry in self._entries.values():
+            entry.memory = await anyio.to_thread.run_sync(estimate_memory, entry.config)
+        async with contextlib.AsyncExitStack() as stack:
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            for entry in self._entries.values():
+                self._tg.start_soon(entry.supervisor.run, name=f"llamaproc-supervisor-{entry.name}")
+            if self.config.idle_timeout is not None:
+                self._tg.start_soon(self._reap_idle, self.config.idle_timeout, name="llamaproc-idle-unload")
+            if self.config.preload:
+                self._tg.start_soon(self._preload, self.config.preload, name="llamaproc-preload")
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        """Stop every model (shielded) and end the background tasks."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        self._closed = True
+        self._draining = True
+        self._wake_all()
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for entry in self._entries.values():
+                    tg.start_soon(entry.supervisor.stop)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShuttingDownError("the model pool is closed")
+        if self._stack is None:
+            raise UsageError("use the ModelPool in `async with` first")
+
+    # -- notifications --------------------------------------------------------------------------
+
+    def _event(self) -> anyio.Event:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def _wake_all(self) -> None:
+        for entry in self._entries.values():
+            for waiter in entry.queue:
+                waiter.event.set()
+        self._notify()
+
+    def _supervisor_changed(self, supervisor: Supervisor, event: str) -> None:
+        entry = self._entries[supervisor.name]
+        if event == "serving":
+            self.stats.loads += 1
+            entry.touch()
+        elif event == "restarting":
+            self.stats.restarts += 1
+        self._notify()
+
+    async def _wait_for(self, predicate: Callable[[], bool]) -> None:
+        while True:
+            changed = self._event()
+            if predicate():
+                return
+            if self._closed:
+                raise ShuttingDownError("the model pool is closed")
+            await changed.wait()
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """The configured model names, in config order."""
+        return list(self._entries)
+
+    def status(self) -> list[ModelStatus]:
+        """One :class:`ModelStatus` per configured model, in config order."""
+        result = []
+        for entry in self._entries.values():
+            sup = entry.supervisor
+            result.append(
+                ModelStatus(
+                    name=entry.name,
+                    phase=sup.phase,
+                    conditions=sup.conditions,
+                    loaded=sup.model is not None,
+                    pid=sup.pid,
+                    port=sup.port,
+                    in_flight=entry.in_flight,
+                    queued=len(entry.queue),
+                    parallel=entry.config.parallel,
+                    last_used=entry.last_used,
+                    restarts=sup.restarts,
+                    memory_estimate=entry.memory,
+                )
+            )
+        return result
+
+    def supervisor(self, name: str) -> Supervisor:
+        """The supervisor of model ``name`` (its last error, conditions, ...)."""
+        return self._entry(name).supervisor
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` (or closing) has stopped admission."""
+        return self._draining
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ", ".join(self._entries) or "none"
+            raise ModelNotFoundError(f"no model named {name!r} (configured: {known})") from None
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, name: str) -> AsyncIterator[TextModel]:
+        """Hold a slot of model ``name``, loaded, for the ``async with`` block.
+
+        Raises :class:`ModelNotFoundError`, :class:`QueueFullError` (at once,
+        with ``retry_after``), :class:`ModelUnavailableError` (Failed, a load
+        failure, or a model too big for the memory budget) or
+        :class:`ShuttingDownError` (draining or closed).
+        """
+        entry = self._entry(name)
+        self._check_open()
+        if self._draining:
+            raise ShuttingDownError("the model pool is shutting down and takes no new requests")
+        self._check_budget(entry)
+        if entry.supervisor.phase is Phase.FAILED:
+            raise entry.supervisor.failure()
+        await self._admit(entry)
+        try:
+            model = await self._ready(entry)
+            entry.using += 1
+            entry.touch()
+            started = time.monotonic()
+            try:
+                yield model
+            finally:
+                entry.using -= 1
+                entry.touch()
+                seconds = time.monotonic() - started
+                entry.avg_seconds = seconds if entry.avg_seconds is None else 0.8 * entry.avg_seconds + 0.2 * seconds
+        finally:
+            self._release(entry)
+
+    def _check_budget(self, entry: _Entry) -> None:
+        budget = self.config.memory_budget
+        if budget is not None and entry.memory > budget:
+            raise ModelUnavailableError(
+                f"model {entry.name!r} needs about {_size(entry.memory)}, more than the whole memory budget"
+                f" of {_size(budget)}"
+            )
+
+    async def _admit(self, entry: _Entry) -> None:
+        if entry.in_flight < entry.config.parallel and not entry.queue:
+            entry.in_flight += 1
+            self._notify()
+            return
+        if len(entry.queue) >= self.config.queue_size:
+            retry_after = self._retry_after(entry)
+            raise QueueFullError(
+                f"model {entry.name!r} is busy: {entry.in_flight} requests in flight and {len(entry.queue)}"
+                f" queued (queue_size {self.config.queue_size}); retry after {retry_after:g} s",
+                retry_after=retry_after,
+            )
+        waiter = _Waiter()
+        entry.queue.append(waiter)
+        self._notify()
+        try:
+            await waiter.event.wait()
+            if not waiter.granted:
+                raise ShuttingDownError("the model pool is closed")
+            # Cancelled while the slot was on its way (a client that went away): pass it on.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            if waiter.granted:
+                self._release(entry)  # pass the slot on
+            else:
+                with contextlib.suppress(ValueError):
+                    entry.queue.remove(waiter)
+                self._notify()
+            raise
+
+    def _retry_after(self, entry: _Entry) -> float:
+        """Seconds until a queue place is likely to free up (at least 1)."""
+        if entry.avg_seconds is None:
+            return 1.0
+        ahead = len(entry.queue) + 1
+        return float(min(60, max(1, math.ceil(entry.avg_seconds * ahead / entry.config.parallel))))
+
+    def _release(self, entry: _Entry) -> None:
+        """Give back a slot: to the first waiter in the queue, or to the pool."""
+        if entry.queue:
+            waiter = entry.queue.popleft()
+            waiter.granted = True
+            waiter.event.set()
+        else:
+            entry.in_flight -= 1
+        if self._room_wanted and entry.evictable:
+            # Someone waits for room and every other model was busy: this one is it.
+            entry.evicting = True
+            self._reserved.append(entry)
+        self._notify()
+
+    async def _ready(self, entry: _Entry) -> TextModel:
+        """Return the model of ``entry``, loading it (after making room) when needed."""
+        sup = entry.supervisor
+        while True:
+            self._check_open()
+            if sup.phase is Phase.FAILED:
+                raise sup.failure()
+            if sup.active and not entry.evicting:
+                try:
+                    return await sup.ready()
+                except _Unloaded:
+                    continue  # unloaded under us: load it again
+            if entry.evicting:
+                await self._wait_for(lambda: not entry.evicting)
+                continue
+            assert self._room_lock is not None
+            async with self._room_lock:
+                self._check_open()
+                if sup.active or entry.evicting or _failed(sup):
+                    continue  # changed while we waited for the lock
+                await self._make_room(entry)
+                entry.touch()
+                sup.start()
+                self._notify()
+
+    # -- room ---------------------------------------------------------------------------------------
+
+    def _fits(self, entry: _Entry) -> bool:
+        # A model being unloaded still counts until its process is gone.
+        others = [e for e in self._entries.values() if e is not entry and (e.active or e.evicting)]
+        if len(others) + 1 > self.config.max_loaded_models:
+            return False
+        budget = self.config.memory_budget
+        return budget is None or sum(e.memory for e in others) + entry.memory <= budget
+
+    async def _make_room(self, entry: _Entry) -> None:
+        """Unload least recently used idle models until ``entry`` fits; wait while all are busy."""
+        self._room_wanted = True
+        try:
+            while True:
+                changed = self._event()
+                if self._closed:
+                    raise ShuttingDownError("the model pool is closed")
+                if self._fits(entry):
+                    return
+                if self._reserved:
+                    victim = self._reserved.pop(0)
+                    await self._unload_entry(victim, reason="evicted to make room for " + repr(entry.name))
+                    self.stats.evictions += 1
+                    continue
+                idle = [e for e in self._entries.values() if e is not entry and e.evictable]
+                if idle:
+                    victim = min(idle, key=lambda e: e.last_used_mono)
+                    victim.evicting = True
+                    await self._unload_entry(victim, reason="evicted to make room for " + repr(entry.name))
+                    self.stats.evictions += 1
+                    continue
+                _log.debug("model %s waits for a loaded model to go idle", entry.name)
+                await changed.wait()
+        finally:
+            self._room_wanted = False
+            for reserved in self._reserved:
+                reserved.evicting = False
+            self._reserved.clear()
+            self._notify()
+
+    async def _unload_entry(self, entry: _Entry, *, reason: str) -> None:
+        """Stop an entry already marked ``evicting`` (shielded), then clear the mark."""
+        _log.info("unloading model %s: %s", entry.name, reason)
+        try:
+            await entry.supervisor.stop()
+        finally:
+            entry.evicting = False
+            self._notify()
+
+    # -- management -------------------------------------------------------------------------------
+
+    async def load(self, name: str) -> None:
+        """Load model ``name`` now (making room like a request would) and wait until it serves.
+
+        A Failed model is reset and tried again. Raises
+        :class:`ModelUnavailableError` when the load fails.
+        """
+        entry = self._entry(name)
+        self._check_open()
+        self._check_budget(entry)
+        entry.pins += 1
+        try:
+            if entry.supervisor.phase is Phase.FAILED:
+                await entry.supervisor.stop()  # back to Pending, restart history cleared
+            await self._ready(entry)
+        finally:
+            entry.pins -= 1
+            self._notify()
+
+    async def unload(self, name: str) -> None:
+        """Unload model ``name`` (also clears Failed).
+
+        New requests for it wait and load it again afterwards; requests that
+        already use it finish first.
+        """
+        entry = self._entry(name)
+        self._check_open()
+        if entry.evicting:
+            await self._wait_for(lambda: not entry.evicting)
+            return
+        entry.evicting = True
+        try:
+            await self._wait_for(lambda: entry.using == 0)
+        except BaseException:
+            entry.evicting = False
+            self._notify()
+            raise
+        await self._unload_entry(entry, reason="unload requested")
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop admitting (new :meth:`acquire` → :class:`ShuttingDownError`) and wait for the admitted.
+
+        Returns True when nothing was in flight or queued any more within
+        ``timeout`` seconds, False otherwise.
+        """
+        self._draining = True
+        self._notify()
+        with anyio.move_on_after(timeout):
+            try:
+                await self._wait_for(lambda: all(e.in_flight == 0 and not e.queue for e in self._entries.values()))
+            except ShuttingDownError:
+                return False
+            return True
+        return False
+
+    # -- background tasks -----------------------------------------------------------------------
+
+    async def _reap_idle(self, idle_timeout: float) -> None:
+        interval = max(0.05, min(idle_timeout / 4, 1.0))
+        while True:
+            await anyio.sleep(interval)
+            now = time.monotonic()
+            for entry in list(self._entries.values()):
+                if entry.evictable and now - entry.last_used_mono >= idle_timeout:
+                    entry.evicting = True
+                    try:
+                        await self._unload_entry(entry, reason=f"idle for {idle_timeout:g} s")
+                    except LlamaprocError as exc:
+                        _log.error("unloading idle model %s failed: %s", entry.name, exc)
+                    self.stats.idle_unloads += 1
+
+    async def _preload(self, names: Sequence[str]) -> None:
+        for name in names:
+            try:
+                await self.load(name)
+            except ShuttingDownError:
+                return
+            except LlamaprocError as exc:
+                _log.error("preloading model %s failed: %s", name, exc)
+
+
+def _failed(supervisor: Supervisor) -> bool:
+    return supervisor.phase is Phase.FAILED
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover

@@ -1,0 +1,656 @@
+"""The daemon's Unix socket: newline-delimited JSON, several requests per connection.
+
+One JSON object per line in each direction, so a person can drive it with
+``nc -U ~/.llamaproc/serve.sock``. Requests::
+
+    {"id": "1", "op": "chat", "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32}
+    {"id": "2", "op": "generate", "model": "tiny", "prompt": "Once upon", "max_tokens": 32, "temperature": 0.7}
+    {"id": "3", "op": "embed", "model": "tiny-embed", "input": ["a text", "another"]}
+    {"id": "4", "op": "models"}
+    {"id": "5", "op": "status"}
+    {"op": "ping"}
+    {"op": "cancel", "id": "1"}                   (or {"op": "cancel", "target": "1", "id": "c1"})
+
+``id`` (a string or an integer, echoed as given) is required except for
+``ping``; it must not be the id of a request still in flight on the same
+connection. Other fields of ``generate`` and ``chat`` (``temperature``,
+``stop``, ``top_k``, ``seed`` ...) pass through to llama-server.
+
+Answers, one event per line, each carrying the request's ``id``::
+
+    {"id": "1", "event": "token", "text": "Hel"}                 ("token_id" too for generate)
+    {"id": "1", "event": "done", "finish_reason": "stop", "usage": {...}, "timings": {...}}
+    {"id": "3", "event": "result", "embeddings": [[...], [...]]}
+    {"id": "4", "event": "result", "models": [{"name": "tiny", "phase": "Serving", "loaded": true}]}
+    {"id": "1", "event": "error", "code": "queue_full", "message": "...", "retry_after": 1.0}
+
+Every request ends with exactly one ``done``, ``result`` or ``error`` event;
+the id may be reused after it. Error codes: ``invalid_json``,
+``bad_request``, ``unknown_op``, ``line_too_long``, ``duplicate_id``,
+``too_many_requests``, ``not_found`` (cancel of an id not in flight),
+``cancelled``, ``model_not_found``, ``queue_full`` (with ``retry_after``
+seconds), ``unavailable``, ``shutting_down``, ``server_error``,
+``internal_error``. A line that cannot be tied to a request (bad JSON, too
+long) is answered with ``"id": null``; the connection keeps working.
+
+Cancelling: ``{"op": "cancel", "id": X}`` cancels the in-flight request X,
+which then ends with ``{"id": X, "event": "error", "code": "cancelled"}``.
+With ``"target": X`` the cancel request may have an id of its own, answered
+with ``{"id": ..., "event": "result", "target": X, "cancelled": true|false}``.
+
+Connections: requests run concurrently, each in its own task; events of
+different requests interleave but each event is one whole line (writes are
+serialised by a lock per connection). A client that disconnects has its
+requests cancelled at once (streams closed, queued requests leave the
+model's queue). A client that only shuts down its sending side (``nc -N``)
+still receives the answers to what it sent; the connection closes when they
+are done. A client that stops reading blocks its own requests (backpressure
+down to llama-server) for at most ``write_timeout`` seconds per event; then
+the connection is dropped and its requests are cancelled, so a stalled
+reader can hold a slot only that long and can never block the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from ._exceptions import (
+    ClosedError,
+    LlamaprocError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    PoolError,
+    QueueFullError,
+    ServerLoadingError,
+    ShuttingDownError,
+    StatusError,
+)
+from ._model import TextModel
+
+__all__ = ["MAX_IN_FLIGHT", "MAX_LINE", "WRITE_TIMEOUT", "serve_socket"]
+
+_log = logging.getLogger("llamaproc.serve")
+
+#: Longest request line accepted, in bytes (a longer one is answered with ``line_too_long``).
+MAX_LINE = 1 << 20
+#: Seconds one event may take to be written before the client counts as gone.
+WRITE_TIMEOUT = 30.0
+#: Requests one connection may have in flight at once.
+MAX_IN_FLIGHT = 256
+
+_READ_SIZE = 1 << 16
+_HANGUP_POLL = 0.05
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_API = "socket"
+# Fields that are the protocol's own; everything else of generate/chat goes to llama-server.
+_RESERVED = frozenset({"id", "op", "model", "prompt", "messages", "input", "target"})
+
+RequestId = str | int
+
+
+# --- what the socket needs from the pool and the metrics -------------------------------------------
+
+
+class _Pool(Protocol):
+    def status(self) -> Sequence[Any]: ...
+
+    def acquire(self, name: str) -> contextlib.AbstractAsyncContextManager[TextModel]: ...
+
+
+class _Metrics(Protocol):
+    def request_started(self, model: str, api: str) -> None: ...
+
+    def request_done(self, model: str, api: str, status: str, seconds: float, tokens: int) -> None: ...
+
+    def first_token(self, model: str, seconds: float) -> None: ...
+
+
+# --- the server ------------------------------------------------------------------------------------
+
+
+async def serve_socket(
+    pool: _Pool,
+    path: str | os.PathLike[str],
+    *,
+    metrics: _Metrics | None = None,
+    max_line: int = MAX_LINE,
+    write_timeout: float = WRITE_TIMEOUT,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the socket protocol on the Unix socket ``path`` until cancelled.
+
+    A stale socket file at ``path`` (nobody listening) is replaced; a live one
+    raises ``OSError(EADDRINUSE)``, and so does any other kind of file. The
+    socket is made mode 0600 before it listens. ``task_status.started()`` is
+    called once it accepts connections. On cancellation every connection is
+    closed (its requests cancelled) and the socket file is removed.
+    """
+    path = Path(path)
+    await anyio.to_thread.run_sync(_clear_stale, path)
+    listener = _listen(path)
+    ident = _identity(path)
+    options = _Options(pool, metrics, max_line, write_timeout, max_in_flight)
+    try:
+        async with anyio.create_task_group() as tg:
+            _log.debug("socket protocol on %s", path)
+            task_status.started()
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    await anyio.wait_readable(listener)
+                    continue
+                except OSError as exc:  # EMFILE and friends: keep serving the connections we have
+                    _log.warning("socket %s: accept failed: %s", path, exc)
+                    await anyio.sleep(0.1)
+                    continue
+                sock.setblocking(False)
+                tg.start_soon(_serve_connection, sock, options)
+    finally:
+        listener.close()
+        if ident is not None and _identity(path) == ident:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _listen(path: Path) -> socket.socket:
+    """A non-blocking listening socket at ``path``, mode 0600 before anyone can connect."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.bind(os.fspath(path))
+        os.chmod(path, 0o600)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse a live socket or another kind of file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    except OSError:
+        return  # cannot tell (e.g. permissions): let bind report it
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+@dataclass(slots=True)
+class _Options:
+    pool: _Pool
+    metrics: _Metrics | None
+    max_line: int
+    write_timeout: float
+    max_in_flight: int
+
+
+async def _serve_connection(sock: socket.socket, options: _Options) -> None:
+    try:
+        await _Connection(sock, options).run()
+    except Exception:  # noqa: BLE001 - a bug must cost one connection, not the daemon
+        _log.exception("socket connection failed")
+    finally:
+        sock.close()  # every task of the connection is done: nobody waits on it
+
+
+# --- one connection ------------------------------------------------------------------------------
+
+
+_OPS = ("chat", "generate", "embed", "models", "status", "ping", "cancel")
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+@dataclass(slots=True)
+class _Request:
+    id: RequestId
+    op: str
+    model: str
+    payload: Any  # the prompt, the messages or the inputs
+    params: dict[str, Any]
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, options: _Options) -> None:
+        self.sock = sock
+        self.options = options
+        self.pool = options.pool
+        self.metrics = options.metrics
+        self.lock = anyio.Lock(fast_acquire=True)  # uncontended: no trip through the event loop
+        self.requests: dict[RequestId, _Request] = {}
+        self.tasks = 0  # request tasks alive (the last event of a finished one may still be on its way)
+        self.gone = False
+        self.tg: anyio.abc.TaskGroup | None = None
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self.tg = tg
+            await self._read_requests()
+            # End of the client's input. A closed socket cancels what is in flight;
+            # a half-closed one (the client shut down its sending side) gets its answers.
+            while self.tasks and not self._peer_hung_up():
+                await anyio.sleep(_HANGUP_POLL)
+            tg.cancel_scope.cancel()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _read_requests(self) -> None:
+        max_line = self.options.max_line
+        buf = bytearray()
+        skipping = False  # inside a line that is too long: drop bytes up to its newline
+        while True:
+            chunk = await self._receive()
+            if not chunk:
+                break
+            start = 0
+            while True:
+                nl = chunk.find(b"\n", start)
+                if nl < 0:
+                    if not skipping:
+                        if len(buf) + len(chunk) - start > max_line:
+                            skipping = True
+                            buf.clear()
+                            await self._too_long()
+                        else:
+                            buf += chunk[start:]
+                    break
+                if skipping:
+                    skipping = False
+                elif len(buf) + nl - start > max_line:
+                    buf.clear()
+                    await self._too_long()
+                elif buf:
+                    buf += chunk[start:nl]
+                    line = bytes(buf)
+                    buf.clear()
+                    await self._dispatch(line)
+                else:
+                    await self._dispatch(chunk[start:nl])
+                start = nl + 1
+        if buf and not skipping:  # a last line without its newline
+            await self._dispatch(bytes(buf))
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the client; ``b""`` at its end (or on a reset)."""
+        await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                return self.sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+            except OSError:
+                return b""
+
+    async def _too_long(self) -> None:
+        limit = self.options.max_line
+        await self._error(None, "line_too_long", f"request line longer than {limit} bytes; skipped to its newline")
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def _dispatch(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return  # blank lines are harmless (and handy with nc)
+        try:
+            await self._handle(line)
+        except _BadRequest as exc:
+            await self._error(None, exc.code, exc.message)
+
+    async def _handle(self, line: bytes) -> None:
+        try:
+            req = json.loads(line)
+        except ValueError as exc:
+            raise _BadRequest("invalid_json", f"malformed JSON: {exc}") from None
+        if not isinstance(req, dict):
+            raise _BadRequest("bad_request", "a request must be a JSON object")
+        rid = req.get("id")
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+            raise _BadRequest("bad_request", '"id" must be a string or an integer')
+        op = req.get("op")
+        if not isinstance(op, str):
+            await self._error(rid, "bad_request", 'missing "op" (one of: ' + ", ".join(_OPS) + ")")
+            return
+        if op not in _OPS:
+            await self._error(rid, "unknown_op", f"unknown op {op!r}; ops: " + ", ".join(_OPS))
+            return
+        if op == "ping":
+            await self._send({"id": rid, "event": "result", "pong": True})
+            return
+        if op == "cancel":
+            await self._cancel(rid, req)
+            return
+        if rid is None:
+            raise _BadRequest("bad_request", f'op {op!r} needs an "id"')
+        if rid in self.requests:
+            await self._error(rid, "duplicate_id", f"a request with id {rid!r} is still in flight")
+            return
+        if op == "models":
+            models = [{"name": s.name, "phase": str(s.phase), "loaded": bool(s.loaded)} for s in self.pool.status()]
+            await self._send({"id": rid, "event": "result", "models": models})
+            return
+        if op == "status":
+            await self._send({"id": rid, "event": "result", **_status(self.pool)})
+            return
+        if len(self.requests) >= self.options.max_in_flight:
+            limit = self.options.max_in_flight
+            await self._error(rid, "too_many_requests", f"{limit} requests already in flight on this connection")
+            return
+        try:
+            request = _parse(rid, op, req)
+        except _BadRequest as exc:
+            await self._error(rid, exc.code, exc.message)
+            return
+        self.requests[rid] = request
+        self.tasks += 1
+        assert self.tg is not None
+        self.tg.start_soon(self._run, request)
+
+    async def _cancel(self, rid: RequestId | None, req: Mapping[str, Any]) -> None:
+        if "target" in req:
+            target = req["target"]
+            request = self.requests.get(target) if isinstance(target, (str, int)) else None
+            if request is not None:
+                request.scope.cancel()
+            await self._send({"id": rid, "event": "result", "target": target, "cancelled": request is not None})
+            return
+        if rid is None:
+            raise _BadRequest("bad_request", 'cancel needs the "id" (or "target") of the request to cancel')
+        request = self.requests.get(rid)
+        if request is None:
+            await self._error(rid, "not_found", f"no request with id {rid!r} is in flight")
+            return
+        request.scope.cancel()
+
+    async def _run(self, request: _Request) -> None:
+        metrics = self.metrics
+        final: dict[str, Any] | None = None
+        try:
+            if metrics is not None:
+                metrics.request_started(request.model, _API)
+            try:
+                with request.scope:
+                    if request.op == "embed":
+                        final = await self._embed(request)
+                    else:
+                        final = await self._generate(request)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an error event
+                final = _error_event(request.id, exc)
+            finally:
+                # Also reached when the connection is cancelled: the id is free again
+                # and the in-progress gauge must come down.
+                self.requests.pop(request.id, None)
+                if metrics is not None:
+                    status = "cancelled" if final is None else final["code"] if final["event"] == "error" else "ok"
+                    seconds = time.perf_counter() - request.started
+                    metrics.request_done(request.model, _API, status, seconds, request.tokens)
+            if final is None:  # the cancel op cancelled request.scope
+                final = {"id": request.id, "event": "error", "code": "cancelled", "message": "cancelled by the client"}
+            await self._send(final)
+        finally:
+            self.tasks -= 1
+
+    async def _generate(self, request: _Request) -> dict[str, Any]:
+        rid = request.id
+        metrics = self.metrics
+        native = request.op == "generate"
+        async with self.pool.acquire(request.model) as model:
+            if native:
+                stream = model.generate(request.payload, **request.params)
+            else:
+                stream = model.chat(request.payload, **request.params)
+            async with stream:
+                async for token in stream:
+                    if request.tokens == 0 and metrics is not None:
+                        metrics.first_token(request.model, time.perf_counter() - request.started)
+                    request.tokens += 1
+                    event: dict[str, Any] = {"id": rid, "event": "token", "text": token.text}
+                    if native and token.id is not None:
+                        event["token_id"] = token.id
+                    await self._send(event)
+            result = stream.result
+        # The model is released before "done" goes out: a client that sees "done"
+        # sees the pool's accounting without this request.
+        if result is None:
+            return {"id": rid, "event": "done", "finish_reason": None, "usage": None, "timings": None}
+        if result.usage.completion_tokens:
+            request.tokens = result.usage.completion_tokens
+        return {
+            "id": rid,
+            "event": "done",
+            "finish_reason": result.finish_reason,
+            "usage": result.usage.model_dump(),
+            "timings": None if result.timings is None else result.timings.model_dump(),
+        }
+
+    async def _embed(self, request: _Request) -> dict[str, Any]:
+        async with self.pool.acquire(request.model) as model:
+            vectors = await model.embed(request.payload)
+        return {"id": request.id, "event": "result", "embeddings": vectors}
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def _error(self, rid: RequestId | None, code: str, message: str) -> None:
+        await self._send({"id": rid, "event": "error", "code": code, "message": message})
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        """Write one event line, or drop the connection when that is impossible."""
+        if not self.gone:
+            data = _encode(event)
+            async with self.lock:
+                if not await self._write(data):
+                    self._hang_up()
+        if self.gone:
+            await anyio.lowlevel.checkpoint()  # delivers the cancellation of this connection
+
+    async def _write(self, data: bytes) -> bool:
+        """Write ``data`` whole within the write timeout; False if the client is to be dropped.
+
+        Cancellation is honoured until the first byte is out; after that the
+        rest of the line is written shielded (still within the timeout), so a
+        cancelled request never leaves half an event on the wire.
+        """
+        sock = self.sock
+        view = memoryview(data)
+        try:
+            try:  # the usual case: the whole line fits in the socket buffer at once
+                sent = sock.send(view, _SEND_FLAGS)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(view):
+                return True
+            timeout = self.options.write_timeout
+            deadline = anyio.current_time() + timeout
+            if not sent:
+                with anyio.CancelScope(deadline=deadline) as scope:
+                    while not sent:
+                        await anyio.wait_writable(sock)
+                        try:
+                            sent = sock.send(view, _SEND_FLAGS)
+                        except BlockingIOError:
+                            pass
+                if scope.cancelled_caught:
+                    _log.warning("socket client read nothing for %gs; dropping it", timeout)
+                    return False
+            view = view[sent:]
+            with anyio.CancelScope(shield=True, deadline=deadline):
+                while view:
+                    try:
+                        view = view[sock.send(view, _SEND_FLAGS) :]
+                    except BlockingIOError:
+                        await anyio.wait_writable(sock)
+            if view:
+                _log.warning("socket client read nothing for %gs; dropping it", timeout)
+                return False
+        except OSError:  # EPIPE, ECONNRESET: the client is gone
+            return False
+        return True
+
+    def _hang_up(self) -> None:
+        self.gone = True
+        if self.tg is not None:
+            self.tg.cancel_scope.cancel()
+
+    def _peer_hung_up(self) -> bool:
+        """Whether the client closed its socket, not merely shut down its sending side."""
+        if self.gone:
+            return True
+        try:
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLHUP)
+            hung_up = bool(poller.poll(0))
+        except (OSError, ValueError):
+            hung_up = True
+        if hung_up:
+            self.gone = True
+        return hung_up
+
+
+# --- parsing and encoding ------------------------------------------------------------------------
+
+
+def _parse(rid: RequestId, op: str, req: dict[str, Any]) -> _Request:
+    """Validate a generate / chat / embed request."""
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        raise _BadRequest("bad_request", f'op {op!r} needs "model", the name of a configured model')
+    params = {k: v for k, v in req.items() if k not in _RESERVED}
+    payload: Any
+    if op == "generate":
+        payload = req.get("prompt")
+        if not (isinstance(payload, str) or _is_list_of(payload, int)):
+            raise _BadRequest("bad_request", '"prompt" must be a string (or a list of token ids)')
+    elif op == "chat":
+        payload = req.get("messages")
+        if not _is_list_of(payload, dict) or not payload:
+            raise _BadRequest("bad_request", '"messages" must be a non-empty list of {"role": ..., "content": ...}')
+    else:
+        payload = req.get("input")
+        if isinstance(payload, str):
+            payload = [payload]
+        if not _is_list_of(payload, str) or not payload:
+            raise _BadRequest("bad_request", '"input" must be a string or a non-empty list of strings')
+        return _Request(rid, op, model, payload, {})
+    max_tokens = params.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+        raise _BadRequest("bad_request", '"max_tokens" must be an integer')
+    temperature = params.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+        raise _BadRequest("bad_request", '"temperature" must be a number')
+    stop = params.get("stop")
+    if isinstance(stop, str):
+        params["stop"] = [stop]
+    elif stop is not None and not _is_list_of(stop, str):
+        raise _BadRequest("bad_request", '"stop" must be a string or a list of strings')
+    return _Request(rid, op, model, payload, params)
+
+
+def _is_list_of(value: Any, kind: type) -> bool:
+    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
+def _status(pool: _Pool) -> dict[str, Any]:
+    out: dict[str, Any] = {"models": [s.model_dump(mode="json") for s in pool.status()]}
+    stats = getattr(pool, "stats", None)
+    if stats is not None:
+        out["stats"] = {
+            key: getattr(stats, key)
+            for key in ("loads", "evictions", "restarts", "idle_unloads")
+            if hasattr(stats, key)
+        }
+    draining = getattr(pool, "draining", None)
+    if isinstance(draining, bool):
+        out["draining"] = draining
+    return out
+
+
+def _encode(event: Mapping[str, Any]) -> bytes:
+    try:
+        return (json.dumps(event, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:  # a lone surrogate in a token: escape it rather than send invalid UTF-8
+        return (json.dumps(event) + "\n").encode()
+
+
+def _error_event(rid: RequestId, exc: BaseException) -> dict[str, Any]:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    event: dict[str, Any] = {"id": rid, "event": "error", "code": _code(exc), "message": _message(exc)}
+    if isinstance(exc, QueueFullError):
+        event["retry_after"] = exc.retry_after
+    if event["code"] == "internal_error":
+        _log.error("socket request %r failed", rid, exc_info=exc)
+    return event
+
+
+def _code(exc: BaseException) -> str:
+    if isinstance(exc, ModelNotFoundError):
+        return "model_not_found"
+    if isinstance(exc, QueueFullError):
+        return "queue_full"
+    if isinstance(exc, ShuttingDownError):
+        return "shutting_down"
+    if isinstance(exc, (ModelUnavailableError, ServerLoadingError, PoolError)):
+        return "unavailable"
+    if isinstance(exc, StatusError):
+        if exc.status_code == 503:
+            return "unavailable"
+        if 400 <= exc.status_code < 500 or exc.status_code == 501:
+            return "bad_request"  # llama-server refused the parameters, or the model cannot do this
+        return "server_error"
+    if isinstance(exc, (LlamaprocError, ClosedError)):
+        return "server_error"
+    return "internal_error"
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, StatusError):
+        return f"llama-server answered {exc.status_code}: {exc.message}"
+    text = str(exc).strip()
+    # Crash errors carry the child's output after the first line; the status op and logs have it.
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:1000]

@@ -1,0 +1,612 @@
+"""Keep one model's llama-server running: load it, watch it, restart it.
+
+A :class:`Supervisor` owns the llama-server child of one configured model
+(:class:`~llamaproc._config.ModelConfig`). It reports a :class:`Phase`::
+
+    Pending ──start()──▶ Loading ──▶ Serving
+                            ▲           │ exit, or /health stops answering
+                            └─ backoff ◀┘
+                                  │ too many restarts in the window
+                                  ▼
+                                Failed   (until start(reset=True) or stop())
+
+* A crash is seen at once (a Linux pidfd wakes the watcher the moment the
+  child exits; elsewhere ``returncode`` is polled every 50 ms), and a child
+  whose ``/health`` fails ``health_failures`` probes in a row is killed and
+  treated as crashed.
+* A failed load counts like a crash. Restarts wait ``restart_backoff``,
+  doubled for every restart still inside ``restart_window``, up to
+  ``restart_backoff_max``; a crash that would make more than
+  ``max_restarts`` restarts within ``restart_window`` marks the model Failed.
+* :meth:`Supervisor.ready` waits while the model is loading, returns the
+  :class:`~llamaproc.TextModel` once it serves, and raises
+  :class:`~llamaproc.ModelUnavailableError` with the last error when it is
+  Failed or when the load it waited for failed.
+
+Run it with ``async with Supervisor(name, config) as sup:`` (it starts
+loading at once), or call :meth:`Supervisor.run` in a task group of your own
+(as :class:`~llamaproc._pool.ModelPool` does) and :meth:`Supervisor.start`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Literal, Self
+
+import anyio
+import anyio.abc
+from pydantic import BaseModel
+
+from ._client import LlamaClient
+from ._config import ModelConfig
+from ._exceptions import LlamaprocError, ModelUnavailableError, ShuttingDownError, UsageError
+from ._model import TextModel, load_model
+
+__all__ = ["Condition", "Loader", "ModelStatus", "Phase", "Supervisor"]
+
+_log = logging.getLogger("llamaproc.supervisor")
+
+#: How often ``returncode`` is polled where no pidfd is available.
+_POLL_INTERVAL = 0.05
+#: How long a crashed model's client stays open for its requests to see the crash.
+_RETIRE_DELAY = 1.0
+
+
+#: Anything called like :func:`llamaproc.load_model` (a path, then keywords) that returns a TextModel.
+Loader = Callable[..., Awaitable[TextModel]]
+
+
+class Phase(enum.StrEnum):
+    """Where a supervised model is in its life."""
+
+    PENDING = "Pending"  #: not loaded, nobody asked for it
+    LOADING = "Loading"  #: starting, or waiting out a restart backoff
+    SERVING = "Serving"  #: healthy and taking requests
+    FAILED = "Failed"  #: gave up after too many restarts; stays so until loaded or unloaded explicitly
+
+
+class Condition(BaseModel):
+    """One observed aspect of a model, in the style of Kubernetes conditions.
+
+    ``last_transition_time`` changes only when ``status`` changes; ``reason``
+    and ``message`` follow the latest observation.
+    """
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str
+    last_transition_time: datetime
+
+
+class ModelStatus(BaseModel):
+    """The state of one configured model, as reported by ``ModelPool.status()``."""
+
+    name: str
+    phase: Phase
+    conditions: list[Condition]
+    loaded: bool
+    pid: int | None
+    port: int | None
+    in_flight: int
+    queued: int
+    parallel: int
+    last_used: datetime | None
+    restarts: int
+    memory_estimate: int
+
+
+#: Condition types a supervisor keeps, in this order.
+CONDITION_TYPES = ("Loaded", "Ready", "Crashed", "Failed")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Unloaded(ModelUnavailableError):
+    """ready() was called, or was waiting, while the model is not wanted (stopped or never started)."""
+
+
+class Supervisor:
+    """Load one model, keep it serving, restart it when it crashes.
+
+    ``loader`` is called as ``loader(config.path, binary=..., parallel=...,
+    ctx_size=..., gpu_layers=..., threads=..., embeddings=..., args=...,
+    env=...)`` (default :func:`llamaproc.load_model`). ``health_interval``
+    seconds between ``/health`` probes (``None`` disables probing), each
+    allowed ``health_timeout`` seconds; ``health_failures`` failed probes in
+    a row count as a crash. ``on_change(supervisor, event)`` is called on
+    every state change, ``event`` one of ``"loading"``, ``"serving"``,
+    ``"crashed"``, ``"load_failed"``, ``"restarting"``, ``"failed"``,
+    ``"stopped"``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        *,
+        loader: Loader = load_model,
+        restart_backoff: float = 0.5,
+        restart_backoff_max: float = 30.0,
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
+        health_interval: float | None = 1.0,
+        health_timeout: float | None = None,
+        health_failures: int = 3,
+        on_change: Callable[[Supervisor, str], None] | None = None,
+    ) -> None:
+        if restart_backoff <= 0 or restart_backoff_max < restart_backoff:
+            raise ValueError("need 0 < restart_backoff <= restart_backoff_max")
+        if max_restarts < 0 or restart_window <= 0 or health_failures < 1:
+            raise ValueError("need max_restarts >= 0, restart_window > 0 and health_failures >= 1")
+        self.name = name
+        self.config = config
+        self._loader = loader
+        self.restart_backoff = restart_backoff
+        self.restart_backoff_max = restart_backoff_max
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout if health_timeout is not None else max(2.0, health_interval or 0.0)
+        self.health_failures = health_failures
+        self._on_change = on_change
+
+        self._phase = Phase.PENDING
+        self._want = False
+        self._model: TextModel | None = None
+        #: Monotonic times of the restarts inside the current window.
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._restarts = 0
+        self._loads = 0
+        self._load_failures = 0
+        self._last_error: str | None = None
+        self._retry_at: float | None = None
+        self._running = False
+        self._closed = False
+        self._cycle_scope: anyio.CancelScope | None = None
+        self._changed: anyio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._retirements: anyio.abc.TaskGroup
+        now = _now()
+        self._conditions: dict[str, Condition] = {
+            "Loaded": Condition(type="Loaded", status="False", reason="NotLoaded",
+                                message="not loaded yet", last_transition_time=now),
+            "Ready": Condition(type="Ready", status="False", reason="NotLoaded",
+                               message="not loaded yet", last_transition_time=now),
+            "Crashed": Condition(type="Crashed", status="False", reason="NoCrash",
+                                 message="no crash seen", last_transition_time=now),
+            "Failed": Condition(type="Failed", status="False", reason="NoFailure",
+                                message="", last_transition_time=now),
+        }  # fmt: skip
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def conditions(self) -> list[Condition]:
+        """Copies of the conditions (types ``Loaded``, ``Ready``, ``Crashed``, ``Failed``)."""
+        return [self._conditions[t].model_copy() for t in CONDITION_TYPES]
+
+    @property
+    def wanted(self) -> bool:
+        """Whether the model should be loaded: :meth:`start` was called and :meth:`stop` not since."""
+        return self._want
+
+    @property
+    def active(self) -> bool:
+        """Wanted and not Failed: a process is running, starting, or about to be restarted."""
+        return self._want and self._phase is not Phase.FAILED
+
+    @property
+    def model(self) -> TextModel | None:
+        """The serving model, or ``None`` unless the phase is Serving."""
+        return self._model if self._phase is Phase.SERVING else None
+
+    @property
+    def pid(self) -> int | None:
+        return self._model.pid if self._model is not None else None
+
+    @property
+    def port(self) -> int | None:
+        if self._model is None:
+            return None
+        try:
+            return int(self._model.base_url.rsplit(":", 1)[1])
+        except (LlamaprocError, ValueError, IndexError):
+            return None
+
+    @property
+    def restarts(self) -> int:
+        """Restarts since the supervisor was made (after crashes and failed loads)."""
+        return self._restarts
+
+    @property
+    def loads(self) -> int:
+        """Successful loads, restarts included."""
+        return self._loads
+
+    @property
+    def last_error(self) -> str | None:
+        """What went wrong last (a crash or a failed load), kept after recovery."""
+        return self._last_error
+
+    def __repr__(self) -> str:
+        return f"<Supervisor {self.name} {self._phase} pid={self.pid} restarts={self._restarts}>"
+
+    # -- notifications --------------------------------------------------------------------------
+
+    def _event(self) -> anyio.Event:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    def _notify(self, event: str | None = None) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+        if event is not None and self._on_change is not None:
+            try:
+                self._on_change(self, event)
+            except Exception:  # noqa: BLE001 - a broken observer must not kill the supervisor
+                _log.exception("on_change callback of %s failed", self.name)
+
+    def _condition(self, type_: str, status: Literal["True", "False", "Unknown"], reason: str, message: str) -> None:
+        old = self._conditions[type_]
+        when = old.last_transition_time if old.status == status else _now()
+        self._conditions[type_] = Condition(
+            type=type_, status=status, reason=reason, message=message, last_transition_time=when
+        )
+
+    # -- control --------------------------------------------------------------------------------
+
+    def start(self, *, reset: bool = False) -> None:
+        """Ask for the model to be loaded (and kept loaded). Returns at once.
+
+        A Failed model stays Failed unless ``reset`` is true, which also
+        forgets the restart history of the current window.
+        """
+        if self._closed:
+            raise ShuttingDownError(f"the supervisor of model {self.name!r} is closed")
+        if reset and self._phase is Phase.FAILED:
+            self._restart_times.clear()
+            self._phase = Phase.PENDING
+            self._condition("Failed", "False", "Reset", "reset by an explicit load")
+            self._notify("loading")
+        self._want = True
+        self._notify()
+
+    async def stop(self) -> None:
+        """Unload: stop the child (SIGTERM → grace → SIGKILL) and go back to Pending.
+
+        Also clears Failed. Shielded from cancellation: when it returns the
+        child is gone. Idempotent.
+        """
+        with anyio.CancelScope(shield=True):
+            self._want = False
+            scope = self._cycle_scope
+            if scope is not None:
+                scope.cancel()
+                while self._cycle_scope is scope:
+                    await self._event().wait()
+            await self._close_model()
+            if self._phase is Phase.FAILED:
+                self._restart_times.clear()
+            if self._phase is not Phase.PENDING:
+                self._phase = Phase.PENDING
+                self._condition("Loaded", "False", "Unloaded", "unloaded")
+                self._condition("Ready", "False", "Unloaded", "unloaded")
+                self._condition("Failed", "False", "Unloaded", "unloaded")
+                self._notify("stopped")
+            self._notify()
+
+    async def ready(self) -> TextModel:
+        """Wait until the model serves and return it.
+
+        Raises :class:`ModelUnavailableError` when the model is Failed, when a
+        load attempt made while waiting failed (the supervisor keeps retrying
+        in the background) or when it is stopped or not started; and
+        :class:`ShuttingDownError` once the supervisor is closed.
+        """
+        failures = self._load_failures
+        while True:
+            changed = self._event()
+            if self._closed:
+                raise ShuttingDownError(f"model {self.name!r} is shutting down")
+            if self._phase is Phase.SERVING and self._model is not None:
+                if self._model.returncode is None:
+                    return self._model
+                # Died, and the watcher has not run yet: wait for the restart.
+            elif self._phase is Phase.FAILED:
+                raise ModelUnavailableError(self._failed_message())
+            if not self._want:
+                raise _Unloaded(f"model {self.name!r} is not loaded")
+            if self._load_failures > failures:
+                retry = ""
+                if self._retry_at is not None:
+                    retry = f"; retrying in {max(0.0, self._retry_at - time.monotonic()):.1f} s"
+                raise ModelUnavailableError(f"model {self.name!r} could not be loaded: {self._last_error}{retry}")
+            await changed.wait()
+
+    def failure(self) -> ModelUnavailableError:
+        """The error for a request to this model while it is Failed."""
+        return ModelUnavailableError(self._failed_message())
+
+    def _failed_message(self) -> str:
+        return (
+            f"model {self.name!r} failed after more than {self.max_restarts} restarts within"
+            f" {self.restart_window:g} s; last error: {self._last_error}"
+        )
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Supervise until cancelled; on the way out the child is stopped (shielded).
+
+        Run it in a task group; it idles while the model is not wanted.
+        """
+        if self._running:
+            raise UsageError(f"the supervisor of model {self.name!r} is already running")
+        self._running = True
+        try:
+            async with anyio.create_task_group() as self._retirements:
+                while True:
+                    while not self.active:
+                        await self._event().wait()
+                    with anyio.CancelScope() as scope:
+                        self._cycle_scope = scope
+                        try:
+                            try:
+                                await self._cycle()
+                            finally:
+                                with anyio.CancelScope(shield=True):
+                                    await self._close_model()
+                        except Exception as exc:  # noqa: BLE001 - a bug must not take the owner's task group down
+                            _log.exception("model %s: unexpected error in its supervisor", self.name)
+                            self._phase = Phase.LOADING
+                            await self._after_failure("crashed", f"supervisor error: {_describe(exc)}")
+                    self._cycle_scope = None
+                    self._retry_at = None
+                    self._notify()
+        finally:
+            self._cycle_scope = None
+            self._running = False
+            self._closed = True
+            with anyio.CancelScope(shield=True):
+                await self._close_model()
+            self._notify()
+
+    async def _close_model(self) -> None:
+        model, self._model = self._model, None
+        if model is not None:
+            await model.close()
+
+    async def _cycle(self) -> None:
+        """One life of the child: load it, serve until it dies, then back off (or fail)."""
+        self._phase = Phase.LOADING
+        self._condition("Ready", "False", "Loading", f"loading {self.config.path}")
+        self._notify("loading")
+        try:
+            model = await self._load()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:  # noqa: BLE001 - StartupError, ModelFileError, BinaryNotFoundError, OSError, ...
+            self._load_failures += 1
+            message = _describe(exc)
+            _log.warning("model %s: load failed: %s", self.name, message)
+            self._condition("Loaded", "False", "LoadFailed", message)
+            self._condition("Ready", "False", "LoadFailed", message)
+            await self._after_failure("load_failed", message)
+            return
+        self._model = model
+        self._loads += 1
+        self._phase = Phase.SERVING
+        self._condition("Loaded", "True", "Started", f"llama-server pid {model.pid} at {model.base_url}")
+        self._condition("Ready", "True", "Serving", f"serving at {model.base_url}")
+        if self._conditions["Crashed"].status == "True":
+            self._condition("Crashed", "False", "Recovered", f"serving again; last crash: {self._last_error}")
+        _log.info("model %s: serving, pid %d at %s", self.name, model.pid, model.base_url)
+        self._notify("serving")
+        reason, message = await self._watch(model)
+        _log.warning("model %s: %s", self.name, message)
+        self._model = None
+        self._phase = Phase.LOADING
+        self._condition("Loaded", "False", reason, message)
+        self._condition("Ready", "False", reason, message)
+        self._condition("Crashed", "True", reason, message)
+        self._notify("crashed")
+        self._retirements.start_soon(self._retire, model)
+        await self._after_failure(None, message)
+
+    async def _retire(self, model: TextModel) -> None:
+        """Close a crashed model a little later.
+
+        Its child is already dead; closing its client at once would make the
+        requests still reading from it fail with ClosedError instead of the
+        ServerCrashedError that explains what happened.
+        """
+        try:
+            await anyio.sleep(_RETIRE_DELAY)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await model.close()
+
+    async def _load(self) -> TextModel:
+        cfg = self.config
+        return await self._loader(
+            cfg.path,
+            binary=cfg.binary,
+            parallel=cfg.parallel,
+            ctx_size=cfg.ctx_size,
+            gpu_layers=cfg.gpu_layers,
+            threads=cfg.threads,
+            embeddings=cfg.embeddings,
+            args=cfg.args,
+            env=dict(cfg.env),
+        )
+
+    async def _after_failure(self, event: str | None, message: str) -> None:
+        """Record a crash or failed load; then either mark Failed or sleep the backoff and return."""
+        self._last_error = message
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > self.restart_window:
+            self._restart_times.popleft()
+        recent = len(self._restart_times)
+        if recent >= self.max_restarts:
+            self._phase = Phase.FAILED
+            self._retry_at = None
+            failed = self._failed_message()
+            self._condition("Ready", "False", "Failed", failed)
+            self._condition("Failed", "True", "TooManyRestarts", failed)
+            _log.error("%s", failed)
+            self._notify(event)
+            self._notify("failed")
+            return
+        delay = backoff_delay(self.restart_backoff, self.restart_backoff_max, recent)
+        self._restart_times.append(now)
+        self._restarts += 1
+        self._retry_at = now + delay
+        self._condition("Ready", "False", "BackOff", f"restarting in {delay:g} s after: {message}")
+        self._notify(event)
+        self._notify("restarting")
+        await anyio.sleep(delay)
+        self._retry_at = None
+
+    # -- watching -------------------------------------------------------------------------------
+
+    async def _watch(self, model: TextModel) -> tuple[str, str]:
+        """Return ``(reason, message)`` once the child has exited or stopped answering ``/health``."""
+        outcome: list[tuple[str, str]] = []
+        async with anyio.create_task_group() as tg:
+
+            async def exited() -> None:
+                await _wait_exit(model)
+                outcome.append(("Crashed", f"llama-server pid {model.pid} exited with code {model.returncode}"
+                                + _output_tail(model)))  # fmt: skip
+                tg.cancel_scope.cancel()
+
+            async def unresponsive() -> None:
+                message = await self._probe_until_dead(model)
+                if model.returncode is None:
+                    _kill(model)
+                outcome.append(("Unresponsive", message))
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(exited)
+            if self.health_interval is not None:
+                tg.start_soon(unresponsive)
+        return outcome[0]
+
+    async def _probe_until_dead(self, model: TextModel) -> str:
+        interval = self.health_interval
+        assert interval is not None
+        failures = 0
+        last = ""
+        async with LlamaClient(model.base_url, timeout=self.health_timeout, max_connections=1) as client:
+            while True:
+                await anyio.sleep(interval)
+                try:
+                    with anyio.fail_after(self.health_timeout):
+                        health = await client.health()
+                    ok = health.status == "ok"
+                    last = f"status {health.status!r}"
+                except TimeoutError:
+                    ok, last = False, f"no answer within {self.health_timeout:g} s"
+                except LlamaprocError as exc:
+                    ok, last = False, str(exc)
+                failures = 0 if ok else failures + 1
+                if failures >= self.health_failures:
+                    return f"llama-server pid {model.pid} failed {failures} health checks in a row ({last}); killed it"
+
+    # -- standalone use ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Run the supervisor in a task group of its own and start loading."""
+        if self._task_group is not None:
+            raise UsageError("the supervisor is already entered")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._task_group = tg
+        tg.start_soon(self.run)
+        self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        tg, self._task_group = self._task_group, None
+        assert tg is not None
+        await self.stop()
+        tg.cancel_scope.cancel()
+        return await tg.__aexit__(exc_type, exc, tb)
+
+
+# --- process helpers -------------------------------------------------------------------------------
+
+
+async def _wait_exit(model: TextModel) -> None:
+    """Return once the model's child has exited (and been reaped)."""
+    if model.returncode is not None:
+        return
+    fd = -1
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        # No await between the returncode check and here: the pid is still our unreaped child.
+        with contextlib.suppress(OSError):
+            fd = pidfd_open(model.pid)
+    if fd >= 0:
+        try:
+            await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+        while model.returncode is None:  # readable means exited; reaping follows at once
+            await anyio.sleep(0.001)
+        return
+    while model.returncode is None:
+        await anyio.sleep(_POLL_INTERVAL)
+
+
+def _kill(model: TextModel) -> None:
+    """SIGKILL a hung child's process group (it leads its own session)."""
+    try:
+        os.killpg(model.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(model.pid, signal.SIGKILL)
+
+
+def _output_tail(model: TextModel, lines: int = 5) -> str:
+    try:
+        text = model.output
+    except Exception:  # noqa: BLE001 - a model object without output
+        return ""
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return (": " + " | ".join(tail)) if tail else ""
+
+
+def _describe(exc: BaseException) -> str:
+    """One readable line for a load error (the first line of its message, without output dumps)."""
+    text = str(exc).split("\n--- llama-server output ---", 1)[0].strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def backoff_delay(restart_backoff: float, restart_backoff_max: float, recent_restarts: int) -> float:
+    """The wait before a restart when ``recent_restarts`` restarts already happened in the window."""
+    return min(restart_backoff * math.pow(2.0, recent_restarts), restart_backoff_max)

@@ -1,0 +1,188 @@
+"""Start and stop ``llamaproc serve`` as a real subprocess, for the daemon's integration tests.
+
+    daemon = start_daemon(write_config(tmp_path / "serve.toml", {"tiny": {"path": model}}), tmp_path / "state")
+    try:
+        httpx.get(daemon.http + "/health")
+    finally:
+        assert stop_daemon(daemon) == 0
+
+or ``with running_daemon(config, state_dir) as daemon: ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+__all__ = ["Daemon", "llama_servers_of", "running_daemon", "start_daemon", "stop_daemon", "write_config"]
+
+
+@dataclass
+class Daemon:
+    """A running ``llamaproc serve`` subprocess and where to reach it."""
+
+    process: subprocess.Popen[bytes]
+    pid: int
+    http: str
+    socket: str | None
+    state_dir: Path
+    config: Path
+    stderr_path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def stderr(self) -> str:
+        """Everything the daemon wrote to stderr so far."""
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        return json.dumps(os.fspath(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_config(path: Path, models: Mapping[str, Mapping[str, Any]], **settings: Any) -> Path:
+    """Write a serve config: top-level ``settings``, then one ``[models.NAME]`` table per model."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in settings.items()]
+    for name, table in models.items():
+        lines.append(f"\n[models.{json.dumps(name)}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _command(config: Path, state_dir: Path, port: int, socket: str | os.PathLike[str] | None) -> list[str]:
+    cmd = [sys.executable, "-m", "llamaproc", "serve", "--config", str(config), "--port", str(port)]
+    cmd += ["--state-dir", str(state_dir)]
+    if socket is not None:
+        cmd += ["--socket", os.fspath(socket)]
+    return cmd
+
+
+def start_daemon(
+    config: Path,
+    state_dir: Path,
+    *,
+    port: int = 0,
+    socket: str | os.PathLike[str] | None = None,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Daemon:
+    """Start ``python -m llamaproc serve`` and return once ``STATE_DIR/serve.json`` names it.
+
+    Raises ``RuntimeError`` with the daemon's stderr if it exits or does not get
+    ready within ``timeout``.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    info_path = state_dir / "serve.json"
+    stderr_path = state_dir / f"serve-{time.monotonic_ns()}.stderr"
+    with open(stderr_path, "wb") as err:
+        process = subprocess.Popen(
+            [*_command(config, state_dir, port, socket), *extra_args],
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+        )
+    daemon = Daemon(process, process.pid, "", None, state_dir, config, stderr_path)
+    deadline = time.monotonic() + timeout
+    while True:
+        info = _read_info(info_path)
+        if info is not None and info.get("pid") == process.pid:
+            daemon.http = info["http"]
+            daemon.socket = info.get("socket")
+            daemon.info = info
+            return daemon
+        if process.poll() is not None:
+            raise RuntimeError(f"llamaproc serve exited with code {process.returncode}:\n{daemon.stderr()}")
+        if time.monotonic() > deadline:
+            _kill(process)
+            raise RuntimeError(f"llamaproc serve not ready after {timeout}s:\n{daemon.stderr()}")
+        time.sleep(0.02)
+
+
+def _read_info(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def llama_servers_of(pid: int) -> list[int]:
+    """Pids of the llama-server processes descending from ``pid``."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for child in children:
+        try:
+            if "llama-server" in " ".join(child.cmdline()):
+                found.append(child.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the daemon and any llama-server it left behind."""
+    servers = llama_servers_of(process.pid)
+    process.kill()
+    process.wait()
+    for pid in servers:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+
+
+def stop_daemon(daemon: Daemon, *, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    """Send ``sig`` (SIGTERM) and wait for the exit; SIGKILL after ``timeout``. Returns the exit code."""
+    if daemon.process.poll() is None:
+        daemon.process.send_signal(sig)
+        try:
+            daemon.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _kill(daemon.process)
+            raise RuntimeError(f"llamaproc serve did not stop within {timeout}s:\n{daemon.stderr()}") from None
+    return daemon.process.returncode
+
+
+@contextlib.contextmanager
+def running_daemon(config: Path, state_dir: Path, **kwargs: Any) -> Iterator[Daemon]:
+    """A started daemon, stopped (SIGTERM, then SIGKILL if it hangs) on exit."""
+    daemon = start_daemon(config, state_dir, **kwargs)
+    try:
+        yield daemon
+    finally:
+        if daemon.process.poll() is None:
+            try:
+                stop_daemon(daemon, timeout=30.0)
+            except RuntimeError:
+                pass

@@ -1,0 +1,549 @@
+"""Scheduling logic of the model pool, with a fake loader (no processes).
+
+What a real llama-server does (crashes, health, stopping) is tested in
+tests/integration/test_supervisor.py and tests/integration/test_pool.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from llamaproc import StartupError
+from llamaproc._config import ModelConfig, ServeConfig
+from llamaproc._exceptions import (
+    ModelNotFoundError,
+    ModelUnavailableError,
+    QueueFullError,
+    ShuttingDownError,
+    UsageError,
+)
+from llamaproc._pool import ModelPool, estimate_memory
+from llamaproc._supervisor import Phase, Supervisor
+from llamaproc.testing import write_tiny_model
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class FakeModel:
+    """Stands in for a TextModel: never exits on its own (its pid is this process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        self.base_url = "http://127.0.0.1:9"
+        self.returncode: int | None = None
+        self.closed = False
+        self.output = ""
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeLoader:
+    def __init__(self, *, fail: bool = False, delay: float = 0.0) -> None:
+        self.fail = fail
+        self.delay = delay
+        self.calls: list[tuple[str, float]] = []
+        self.models: list[FakeModel] = []
+        self.options: list[dict[str, Any]] = []
+
+    async def __call__(self, path: Path, **options: Any) -> FakeModel:
+        self.calls.append((Path(path).stem, time.monotonic()))
+        self.options.append(options)
+        if self.delay:
+            await anyio.sleep(self.delay)
+        if self.fail:
+            raise StartupError("llama-server exited with code 1 during start-up: bad file", returncode=1, output="")
+        model = FakeModel(Path(path))
+        self.models.append(model)
+        return model
+
+    def loaded(self) -> list[str]:
+        return sorted(m.path.stem for m in self.models if not m.closed)
+
+
+def config(names: str = "a", **settings: Any) -> ServeConfig:
+    models = settings.pop("models", None) or {n: {"path": f"/nonexistent/{n}.gguf"} for n in names.split()}
+    return ServeConfig.model_validate({"models": models, **settings})
+
+
+def status(pool: ModelPool, name: str) -> Any:
+    return next(s for s in pool.status() if s.name == name)
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+# --- memory estimate -------------------------------------------------------------------------------
+
+
+def test_estimate_memory_weights_plus_kv_cache(tmp_path: Path) -> None:
+    path = write_tiny_model(tmp_path / "t.gguf", context_length=512)
+    from llamaproc import read_gguf_info
+
+    info = read_gguf_info(path)
+    assert info.block_count and info.embedding_length and info.head_count
+    kv_width = info.embedding_length // info.head_count * (info.head_count_kv or info.head_count)
+    per_token = 2 * info.block_count * kv_width * 2
+    assert estimate_memory(ModelConfig(path=path)) == info.size_bytes + per_token * 512
+    assert estimate_memory(ModelConfig(path=path, ctx_size=1024)) == info.size_bytes + per_token * 1024
+    assert estimate_memory(ModelConfig(path=path, ctx_size=0)) == info.size_bytes + per_token * 512
+    assert estimate_memory(ModelConfig(path=path, args=("--ctx-size", "64"))) == info.size_bytes + per_token * 64
+    assert estimate_memory(ModelConfig(path=path, args=("-c", "128"))) == info.size_bytes + per_token * 128
+
+
+def test_estimate_memory_of_a_file_that_is_not_gguf(tmp_path: Path) -> None:
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"x" * 1000)
+    assert estimate_memory(ModelConfig(path=path)) == 1000
+    assert estimate_memory(ModelConfig(path=tmp_path / "missing.gguf")) == 0
+
+
+# --- loading and LRU -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_loads_on_first_use_and_reuses() -> None:
+    loader = FakeLoader()
+    cfg = config("a", models={"a": {"path": "/m/a.gguf", "parallel": 3, "ctx_size": 256, "args": ["--foo"]}})
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        assert status(pool, "a").phase == Phase.PENDING
+        async with pool.acquire("a") as first:
+            assert status(pool, "a").phase == Phase.SERVING
+            assert status(pool, "a").in_flight == 1
+            assert status(pool, "a").loaded
+        async with pool.acquire("a") as second:
+            assert second is first
+        assert len(loader.calls) == 1
+        assert loader.options[0]["parallel"] == 3
+        assert loader.options[0]["ctx_size"] == 256
+        assert loader.options[0]["args"] == ("--foo",)
+        assert pool.stats.loads == 1
+        assert status(pool, "a").in_flight == 0
+        assert status(pool, "a").last_used is not None
+    assert loader.loaded() == []
+
+
+@pytest.mark.anyio
+async def test_unknown_model_and_use_outside_async_with() -> None:
+    pool = ModelPool(config("a"), loader=FakeLoader(), health_interval=None)
+    with pytest.raises(UsageError):
+        async with pool.acquire("a"):
+            pass
+    async with pool:
+        with pytest.raises(ModelNotFoundError, match="'b'.*configured: a"):
+            async with pool.acquire("b"):
+                pass
+        assert pool.names() == ["a"]
+
+
+@pytest.mark.anyio
+async def test_lru_evicts_the_least_recently_used_idle_model() -> None:
+    loader = FakeLoader()
+    async with ModelPool(config("a b c", max_loaded_models=2), loader=loader, health_interval=None) as pool:
+        for name in ("a", "b", "a", "c"):
+            async with pool.acquire(name):
+                pass
+        assert loader.loaded() == ["a", "c"]  # b was the least recently used
+        assert pool.stats.evictions == 1
+        async with pool.acquire("b"):
+            pass
+        assert loader.loaded() == ["b", "c"]
+        assert pool.stats.evictions == 2
+        assert [s.phase for s in pool.status()] == [Phase.PENDING, Phase.SERVING, Phase.SERVING]
+
+
+@pytest.mark.anyio
+async def test_a_busy_model_is_not_evicted_the_other_request_waits() -> None:
+    loader = FakeLoader()
+    async with ModelPool(config("a b", max_loaded_models=1), loader=loader, health_interval=None) as pool:
+        got_b = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            async with pool.acquire("a") as model_a:
+
+                async def use_b() -> None:
+                    async with pool.acquire("b"):
+                        got_b.set()
+
+                tg.start_soon(use_b)
+                await wait_until(lambda: status(pool, "b").in_flight == 1)
+                await anyio.sleep(0.05)
+                assert not got_b.is_set()
+                assert not model_a.closed
+                assert loader.loaded() == ["a"]
+            await got_b.wait()
+        assert model_a.closed
+        assert loader.loaded() == ["b"]
+
+
+@pytest.mark.anyio
+async def test_a_model_that_goes_idle_is_reserved_for_the_waiting_load() -> None:
+    """New requests for the busy model cannot keep the other one waiting for ever."""
+    loader = FakeLoader()
+    cfg = config("a b", max_loaded_models=1, models={"a": {"path": "/m/a.gguf", "parallel": 4},
+                                                      "b": {"path": "/m/b.gguf"}})  # fmt: skip
+    order: list[str] = []
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        async with anyio.create_task_group() as tg:
+            async with pool.acquire("a"):
+
+                async def use(name: str) -> None:
+                    async with pool.acquire(name):
+                        order.append(name)
+                        await anyio.sleep(0.01)
+
+                tg.start_soon(use, "b")
+                await wait_until(lambda: status(pool, "b").in_flight == 1)
+            # a went idle with b waiting: a request for a arriving now comes after b.
+            tg.start_soon(use, "a")
+        assert order == ["b", "a"]
+
+
+@pytest.mark.anyio
+async def test_model_bigger_than_the_budget_is_refused_at_once(tmp_path: Path) -> None:
+    big = tmp_path / "big.gguf"
+    big.write_bytes(b"x" * 5000)
+    loader = FakeLoader()
+    cfg = config(models={"big": {"path": str(big)}}, memory_budget=4000)
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        assert status(pool, "big").memory_estimate == 5000
+        with pytest.raises(ModelUnavailableError, match="memory budget"):
+            async with pool.acquire("big"):
+                pass
+        with pytest.raises(ModelUnavailableError, match="memory budget"):
+            await pool.load("big")
+    assert loader.calls == []
+
+
+@pytest.mark.anyio
+async def test_memory_budget_limits_models_loaded_together(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.gguf").write_bytes(b"x" * 3000)
+    loader = FakeLoader()
+    models = {n: {"path": str(tmp_path / f"{n}.gguf")} for n in ("a", "b", "c")}
+    cfg = config(models=models, max_loaded_models=3, memory_budget=7000)
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        for name in ("a", "b", "c"):
+            async with pool.acquire(name):
+                pass
+        assert loader.loaded() == ["b", "c"]
+        assert pool.stats.evictions == 1
+
+
+# --- admission -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_queue_full_is_refused_at_once_and_nothing_is_lost() -> None:
+    loader = FakeLoader()
+    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 2}}, queue_size=2)
+    done: list[int] = []
+    release = anyio.Event()
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        async with anyio.create_task_group() as tg:
+
+            async def request(i: int) -> None:
+                async with pool.acquire("a"):
+                    await release.wait()
+                    done.append(i)
+
+            for i in range(4):
+                tg.start_soon(request, i)
+            await wait_until(lambda: status(pool, "a").queued == 2)
+            assert status(pool, "a").in_flight == 2
+            with anyio.fail_after(1):
+                with pytest.raises(QueueFullError) as info:
+                    async with pool.acquire("a"):
+                        pass
+            assert info.value.retry_after >= 1
+            release.set()
+        assert sorted(done) == [0, 1, 2, 3]
+        assert (status(pool, "a").in_flight, status(pool, "a").queued) == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_queue_is_first_come_first_served() -> None:
+    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 1}}, queue_size=10)
+    order: list[int] = []
+    async with ModelPool(cfg, loader=FakeLoader(), health_interval=None) as pool:
+        async with anyio.create_task_group() as tg, pool.acquire("a"):
+
+            async def request(i: int) -> None:
+                async with pool.acquire("a"):
+                    order.append(i)
+                    await anyio.lowlevel.checkpoint()
+
+            for i in range(5):
+                tg.start_soon(request, i)
+                await wait_until(lambda i=i: status(pool, "a").queued == i + 1)  # type: ignore[misc]
+        assert order == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.anyio
+async def test_cancelled_waiter_leaves_the_queue_and_leaks_no_slot() -> None:
+    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 1}}, queue_size=1)
+    async with ModelPool(cfg, loader=FakeLoader(), health_interval=None) as pool:
+        async with pool.acquire("a"):
+            with anyio.move_on_after(0.05) as scope:
+                async with pool.acquire("a"):
+                    pytest.fail("got a slot that was taken")
+            assert scope.cancelled_caught
+            assert (status(pool, "a").in_flight, status(pool, "a").queued) == (1, 0)
+            # The queue place is free again.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_hold, pool, "a", 0.0)
+                await wait_until(lambda: status(pool, "a").queued == 1)
+                tg.cancel_scope.cancel()
+            assert (status(pool, "a").in_flight, status(pool, "a").queued) == (1, 0)
+        assert (status(pool, "a").in_flight, status(pool, "a").queued) == (0, 0)
+        with anyio.fail_after(1):
+            async with pool.acquire("a"):
+                pass
+
+
+@pytest.mark.anyio
+async def test_a_slot_granted_to_a_cancelled_waiter_is_passed_on() -> None:
+    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 1}}, queue_size=2)
+    got: list[str] = []
+    async with ModelPool(cfg, loader=FakeLoader(), health_interval=None) as pool:
+        async with anyio.create_task_group() as tg:
+            cancel_first = anyio.CancelScope()
+
+            async def first() -> None:
+                with cancel_first:
+                    async with pool.acquire("a"):
+                        got.append("first")
+
+            async def second() -> None:
+                async with pool.acquire("a"):
+                    got.append("second")
+
+            async with pool.acquire("a"):
+                tg.start_soon(first)
+                await wait_until(lambda: status(pool, "a").queued == 1)
+                tg.start_soon(second)
+                await wait_until(lambda: status(pool, "a").queued == 2)
+                # Leaving grants the slot to `first`; cancel it before it runs.
+            cancel_first.cancel()
+        assert got == ["second"]
+        assert (status(pool, "a").in_flight, status(pool, "a").queued) == (0, 0)
+
+
+async def _hold(pool: ModelPool, name: str, seconds: float) -> None:
+    async with pool.acquire(name):
+        await anyio.sleep(seconds)
+
+
+# --- drain -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_drain_refuses_new_requests_and_waits_for_admitted_ones() -> None:
+    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 1}}, queue_size=4)
+    finished: list[str] = []
+    async with ModelPool(cfg, loader=FakeLoader(), health_interval=None) as pool, anyio.create_task_group() as tg:
+
+        async def request(name: str) -> None:
+            async with pool.acquire("a"):
+                await anyio.sleep(0.1)
+                finished.append(name)
+
+        tg.start_soon(request, "in-flight")
+        await wait_until(lambda: status(pool, "a").in_flight == 1)
+        tg.start_soon(request, "queued")
+        await wait_until(lambda: status(pool, "a").queued == 1)
+        assert not pool.draining
+        start = time.monotonic()
+        with anyio.fail_after(2):
+            drained = await pool.drain(timeout=5)
+        assert drained
+        assert pool.draining
+        assert finished == ["in-flight", "queued"]
+        assert time.monotonic() - start >= 0.1
+        with pytest.raises(ShuttingDownError):
+            async with pool.acquire("a"):
+                pass
+
+
+@pytest.mark.anyio
+async def test_drain_times_out() -> None:
+    async with ModelPool(config("a"), loader=FakeLoader(), health_interval=None) as pool, pool.acquire("a"):
+        start = time.monotonic()
+        assert not await pool.drain(timeout=0.1)
+        assert 0.08 <= time.monotonic() - start < 1
+    assert await pool.drain(timeout=0.1) is True
+
+
+# --- failures --------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_load_failures_back_off_then_fail_until_an_explicit_load() -> None:
+    loader = FakeLoader(fail=True)
+    cfg = config("a", max_restarts=2, restart_backoff=0.05, restart_backoff_max=0.08, restart_window=60)
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        # The request waits for one load attempt and gets its error.
+        with pytest.raises(ModelUnavailableError, match="could not be loaded: StartupError: .*bad file"):
+            async with pool.acquire("a"):
+                pass
+        await wait_until(lambda: status(pool, "a").phase == Phase.FAILED)
+        times = [t for _, t in loader.calls]
+        assert len(times) == 3  # the load and 2 restarts
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert gaps[0] >= 0.05 and gaps[1] >= 0.08  # doubled, capped
+        st = status(pool, "a")
+        assert st.restarts == 2 and pool.stats.restarts == 2 and pool.stats.loads == 0
+        failed = {c.type: c for c in st.conditions}["Failed"]
+        assert failed.status == "True" and "bad file" in failed.message
+        # Failed: refused at once, with the last error.
+        with anyio.fail_after(0.5):
+            with pytest.raises(ModelUnavailableError, match="failed after more than 2 restarts.*bad file"):
+                async with pool.acquire("a"):
+                    pass
+        await anyio.sleep(0.2)
+        assert len(loader.calls) == 3  # stays Failed
+        # An explicit load resets it.
+        loader.fail = False
+        await pool.load("a")
+        assert status(pool, "a").phase == Phase.SERVING
+        async with pool.acquire("a"):
+            pass
+
+
+@pytest.mark.anyio
+async def test_unload_clears_failed() -> None:
+    loader = FakeLoader(fail=True)
+    cfg = config("a", max_restarts=0)
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        with pytest.raises(ModelUnavailableError):
+            await pool.load("a")
+        assert status(pool, "a").phase == Phase.FAILED
+        await pool.unload("a")
+        assert status(pool, "a").phase == Phase.PENDING
+        loader.fail = False
+        async with pool.acquire("a"):
+            pass
+
+
+@pytest.mark.anyio
+async def test_requests_wait_while_loading() -> None:
+    loader = FakeLoader(delay=0.1)
+    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 2}})
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        models: list[Any] = []
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(_collect, pool, models)
+            await wait_until(lambda: status(pool, "a").phase == Phase.LOADING)
+            assert status(pool, "a").in_flight == 2 and status(pool, "a").queued == 1
+        assert len(loader.calls) == 1
+        assert len(models) == 3 and all(m is models[0] for m in models)
+
+
+async def _collect(pool: ModelPool, into: list[Any]) -> None:
+    async with pool.acquire("a") as model:
+        into.append(model)
+
+
+# --- idle unload, preload, unload, close --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_idle_models_are_unloaded() -> None:
+    loader = FakeLoader()
+    async with ModelPool(config("a b", max_loaded_models=2, idle_timeout=0.2), loader=loader,
+                         health_interval=None) as pool:  # fmt: skip
+        async with pool.acquire("a"):
+            await anyio.sleep(0.4)  # in use: not idle
+            assert loader.loaded() == ["a"]
+        await wait_until(lambda: loader.loaded() == [], timeout=2)
+        assert pool.stats.idle_unloads == 1
+        assert status(pool, "a").phase == Phase.PENDING
+        async with pool.acquire("a"):  # loads again on demand
+            pass
+        assert len(loader.calls) == 2
+
+
+@pytest.mark.anyio
+async def test_preload_and_explicit_unload() -> None:
+    loader = FakeLoader()
+    async with ModelPool(config("a b", max_loaded_models=2, preload=["b"]), loader=loader,
+                         health_interval=None) as pool:  # fmt: skip
+        await wait_until(lambda: status(pool, "b").phase == Phase.SERVING)
+        assert loader.loaded() == ["b"]
+        await pool.unload("b")
+        assert status(pool, "b").phase == Phase.PENDING
+        assert loader.loaded() == []
+        assert pool.stats.evictions == 0
+    assert loader.loaded() == []
+
+
+@pytest.mark.anyio
+async def test_unload_waits_for_requests_using_the_model() -> None:
+    loader = FakeLoader()
+    async with ModelPool(config("a"), loader=loader, health_interval=None) as pool, anyio.create_task_group() as tg:
+        async with pool.acquire("a") as model:
+            tg.start_soon(pool.unload, "a")
+            await anyio.sleep(0.05)
+            assert not model.closed
+        await wait_until(lambda: model.closed)
+
+
+@pytest.mark.anyio
+async def test_closing_the_pool_stops_everything_and_refuses_requests() -> None:
+    loader = FakeLoader()
+    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 1}}, queue_size=1)
+    errors: list[BaseException] = []
+    pool = ModelPool(cfg, loader=loader, health_interval=None)
+    async with anyio.create_task_group() as tg, pool, pool.acquire("a"):
+
+        async def queued() -> None:
+            try:
+                async with pool.acquire("a"):
+                    pass
+            except ShuttingDownError as exc:
+                errors.append(exc)
+
+        tg.start_soon(queued)
+        await wait_until(lambda: status(pool, "a").queued == 1)
+    assert loader.loaded() == []
+    assert len(errors) == 1
+    with pytest.raises(ShuttingDownError):
+        async with pool.acquire("a"):
+            pass
+
+
+# --- supervisor ------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_supervisor_standalone_and_conditions() -> None:
+    loader = FakeLoader()
+    sup = Supervisor("a", ModelConfig(path=Path("/m/a.gguf")), loader=loader, health_interval=None)
+    assert sup.phase == Phase.PENDING
+    before = {c.type: c for c in sup.conditions}
+    async with sup:
+        model = await sup.ready()
+        assert sup.phase == Phase.SERVING and sup.pid == os.getpid()
+        now = {c.type: c for c in sup.conditions}
+        assert now["Ready"].status == "True" and now["Loaded"].status == "True"
+        assert now["Ready"].last_transition_time > before["Ready"].last_transition_time
+        # Unchanged status: unchanged transition time.
+        assert now["Crashed"].last_transition_time == before["Crashed"].last_transition_time
+        assert now["Failed"].last_transition_time == before["Failed"].last_transition_time
+    assert model.closed  # type: ignore[attr-defined]
+    assert sup.phase == Phase.PENDING

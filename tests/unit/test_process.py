@@ -1,0 +1,451 @@
+"""The process layer, against fake servers (small Python scripts, see ``fakes.py``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import psutil
+import pytest
+from fakes import FAKE_SERVER, PARENT, PYTHON, fake_args
+
+from llamaproc._exceptions import LlamaprocError, StartupError, StartupTimeoutError
+from llamaproc._process import OutputBuffer, ServerProcess
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+BOTH_BACKENDS = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def survivors(tag: str) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose command line carries ``tag``."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and tag in (p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+def dead(proc: psutil.Process) -> bool:
+    """Gone, or a zombie nobody has reaped yet (it runs no code either way)."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_dead(proc: psutil.Process, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if dead(proc):
+            return True
+        time.sleep(0.01)
+    return dead(proc)
+
+
+def reader_alive(pid: int) -> bool:
+    return any(t.name == f"llamaproc-output-{pid}" and t.is_alive() for t in threading.enumerate())
+
+
+def line_value(proc: ServerProcess, prefix: str) -> str:
+    for line in proc.output.lines():
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    raise AssertionError(f"no line starting with {prefix!r} in:\n{proc.output.text()}")
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    """A unique argument for the fake server; no process may carry it after the test."""
+    value = f"fake-{uuid.uuid4().hex}"
+    yield value
+    left = survivors(value)
+    for p in left:
+        p.kill()
+    assert not left, f"processes survived the test: {left}"
+
+
+def fake(tag: str, *options: str) -> list[str]:
+    return fake_args("--tag", tag, *options)
+
+
+# -- a healthy server -----------------------------------------------------------------------------
+
+
+@BOTH_BACKENDS
+@pytest.mark.anyio
+async def test_start_and_stop_a_healthy_server(tag: str, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    proc = await ServerProcess.start(PYTHON, fake(tag, "--pidfile", str(pidfile)), startup_timeout=10)
+    try:
+        assert proc.running and proc.returncode is None
+        assert proc.pid == int(pidfile.read_text())
+        assert proc.argv[-4:] == ["--port", "0", "--host", "127.0.0.1"]
+        assert proc.port is not None and proc.port > 0
+        assert proc.base_url == f"http://127.0.0.1:{proc.port}"
+        assert line_value(proc, "0.00.100.000 I srv  llama_server: listening on ") == proc.base_url
+        async with httpx.AsyncClient() as http:
+            response = await http.get(f"{proc.base_url}/health")
+        assert response.json() == {"status": "ok"}
+        assert f"pid={proc.pid}" in repr(proc) and "running" in repr(proc)
+    finally:
+        t0 = time.monotonic()
+        code = await proc.stop()
+        elapsed = time.monotonic() - t0
+    assert elapsed < 1.0
+    assert code == proc.returncode == -signal.SIGTERM
+    assert not proc.running
+    assert "exited -15" in repr(proc)
+    assert not survivors(tag)
+    assert not reader_alive(proc.pid)
+    assert await proc.stop() == -signal.SIGTERM  # idempotent
+
+
+@BOTH_BACKENDS
+@pytest.mark.anyio
+async def test_stop_escalates_to_sigkill(tag: str, caplog: pytest.LogCaptureFixture) -> None:
+    proc = await ServerProcess.start(PYTHON, fake(tag, "--ignore-term"), startup_timeout=10)
+    caplog.set_level(logging.WARNING, logger="llamaproc.process")
+    t0 = time.monotonic()
+    code = await proc.stop(grace=0.3)
+    elapsed = time.monotonic() - t0
+    assert 0.3 <= elapsed < 1.5
+    assert code == proc.returncode == -signal.SIGKILL
+    assert not survivors(tag)
+    warnings = [r for r in caplog.records if r.name == "llamaproc.process" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(proc.pid) in warnings[0].getMessage() and "SIGKILL" in warnings[0].getMessage()
+
+
+@pytest.mark.anyio
+async def test_stop_uses_the_grace_given_at_start(tag: str) -> None:
+    proc = await ServerProcess.start(PYTHON, fake(tag, "--ignore-term"), startup_timeout=10, grace=0.2)
+    t0 = time.monotonic()
+    assert await proc.stop() == -signal.SIGKILL
+    assert 0.2 <= time.monotonic() - t0 < 1.5
+
+
+# -- start-up failures ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_exit_during_startup_raises_at_once(tag: str) -> None:
+    args = fake(tag, "--say", "I loading model", "--say", "error: invalid magic characters",
+                "--say", "I cleaning up", "--exit", "3")
+    t0 = time.monotonic()
+    with pytest.raises(StartupError) as info:
+        await ServerProcess.start(PYTHON, args, startup_timeout=30)
+    assert time.monotonic() - t0 < 3.0  # startup_timeout is 30 s: it did not wait for that
+    exc = info.value
+    assert type(exc) is StartupError
+    assert exc.returncode == 3
+    assert exc.pid is not None
+    assert "code 3" in str(exc)
+    assert "error: invalid magic characters" in str(exc)
+    assert "error: invalid magic characters" in exc.output
+    assert "I cleaning up" in exc.output  # the last lines come along too
+    assert not survivors(tag)
+
+
+@pytest.mark.anyio
+async def test_timeout_counts_from_the_last_line(tag: str) -> None:
+    """Printing progress keeps a slow start alive; silence for ``startup_timeout`` ends it."""
+    line_times: list[float] = []
+
+    class Stamp(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            line_times.append(time.monotonic())
+
+    logger = logging.getLogger(f"test.process.{tag}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(Stamp())
+    t0 = time.monotonic()
+    with pytest.raises(StartupTimeoutError) as info:
+        await ServerProcess.start(PYTHON, fake(tag, "--progress", "1.5", "--never-listen"),
+                                  startup_timeout=0.5, logger=logger)
+    raised = time.monotonic()
+    assert len(line_times) >= 8, "the progress lines were not seen"
+    assert raised - t0 >= 1.5, "killed while it was still printing"
+    assert 0.5 <= raised - line_times[-1] < 1.2
+    exc = info.value
+    assert "no progress for 0.5 s" in str(exc)
+    assert "never said which port" in str(exc)
+    assert "loading tensor" in exc.output
+    assert not survivors(tag)  # stopped before the error reached us
+
+
+@pytest.mark.anyio
+async def test_start_waits_while_the_server_answers_loading(tag: str) -> None:
+    t0 = time.monotonic()
+    proc = await ServerProcess.start(PYTHON, fake(tag, "--loading", "0.5"), startup_timeout=10)
+    try:
+        assert time.monotonic() - t0 >= 0.5
+        with anyio.fail_after(1):  # the fake logs its answer just before sending it: let the reader catch up
+            while "request /health 200" not in proc.output.lines():
+                await anyio.sleep(0.01)
+        lines = proc.output.lines()
+        assert "request /health 503" in lines
+        assert lines[-1] == "request /health 200"
+        assert lines.count("request /health 200") == 1
+    finally:
+        await proc.stop()
+
+
+@pytest.mark.anyio
+async def test_port_found_without_the_log_line(tag: str) -> None:
+    proc = await ServerProcess.start(PYTHON, fake(tag, "--quiet"), startup_timeout=10)
+    try:
+        assert not any("listening on" in line for line in proc.output.lines())
+        assert proc.port is not None
+        assert psutil.Process(proc.pid).net_connections(kind="tcp")[0].laddr.port == proc.port
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{proc.base_url}/health")).status_code == 200
+    finally:
+        await proc.stop()
+
+
+@BOTH_BACKENDS
+@pytest.mark.anyio
+async def test_cancelled_start_stops_the_child(tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[ServerProcess] = []
+    init = ServerProcess.__init__
+
+    def record(self: ServerProcess, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(ServerProcess, "__init__", record)
+    t0 = time.monotonic()
+    with anyio.move_on_after(0.3) as scope:
+        await ServerProcess.start(PYTHON, fake(tag, "--never-listen"), startup_timeout=10)
+    assert scope.cancelled_caught
+    assert time.monotonic() - t0 < 1.5
+    [proc] = started
+    assert proc.returncode is not None and not proc.running
+    assert not survivors(tag)
+    assert not reader_alive(proc.pid)
+
+
+@pytest.mark.anyio
+async def test_missing_binary(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-llama-server"
+    with pytest.raises(LlamaprocError) as info:
+        await ServerProcess.start(missing, startup_timeout=1)
+    assert isinstance(info.value, StartupError)
+    assert str(missing) in str(info.value)
+    assert "No such file" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_binary_not_executable(tmp_path: Path) -> None:
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    with pytest.raises(StartupError, match="Permission denied") as info:
+        await ServerProcess.start(binary, startup_timeout=1)
+    assert str(binary) in str(info.value)
+
+
+# -- environment ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, "0"),
+        ({"devices": "1,2"}, "1,2"),
+        ({"devices": None}, "7"),
+        ({"env": {"HIP_VISIBLE_DEVICES": "1"}}, "1"),
+        ({"devices": "2", "env": {"HIP_VISIBLE_DEVICES": "1"}}, "1"),
+    ],
+)
+@pytest.mark.anyio
+async def test_hip_visible_devices(tag: str, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, object],
+                                   expected: str) -> None:
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "7")
+    proc = await ServerProcess.start(
+        PYTHON, fake(tag, "--print-env", "HIP_VISIBLE_DEVICES"), startup_timeout=10, **kwargs  # type: ignore[arg-type]
+    )
+    try:
+        assert line_value(proc, "env HIP_VISIBLE_DEVICES=") == expected
+    finally:
+        await proc.stop()
+    assert os.environ["HIP_VISIBLE_DEVICES"] == "7"  # ours is untouched
+
+
+@pytest.mark.anyio
+async def test_env_is_added_to_ours(tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMAPROC_TEST_PARENT", "inherited")
+    proc = await ServerProcess.start(PYTHON, fake(tag, "--print-env", "LLAMAPROC_TEST_PARENT"),
+                                     env={"LLAMAPROC_TEST_CHILD": "x"}, startup_timeout=10)
+    await proc.stop()
+    assert line_value(proc, "env LLAMAPROC_TEST_PARENT=") == "inherited"
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def test_output_buffer_keeps_head_and_tail() -> None:
+    buf = OutputBuffer(head=3, tail=4)
+    for i in range(20):
+        buf.append(f"line {i}\n".encode())
+    assert buf.line_count == 20
+    assert buf.lines() == ["line 0", "line 1", "line 2", "... 13 lines omitted ...",
+                           "line 16", "line 17", "line 18", "line 19"]
+    assert buf.text() == "\n".join(buf.lines())
+
+
+def test_output_buffer_without_overflow_has_no_marker() -> None:
+    buf = OutputBuffer(head=3, tail=4)
+    for i in range(7):
+        buf.append(f"line {i}\r\n".encode())
+    assert buf.lines() == [f"line {i}" for i in range(7)]
+    assert "omitted" not in buf.text()
+
+
+def test_output_buffer_relevant_lines() -> None:
+    buf = OutputBuffer(head=2, tail=2)
+    buf.append(b"0.00.001.000 I srv  load_model: loading model\n")
+    buf.append(b"0.00.001.000 I srv  ok\n")
+    buf.append(b"0.00.002.000 E llama_model_load: error loading model: invalid magic\n")  # falls out
+    for i in range(10):
+        buf.append(f"0.00.003.000 I srv  noise {i}\n".encode())
+    buf.append(b"GGML_ASSERT(x) failed\n")
+    buf.append(b"terminate called after throwing an instance of 'std::out_of_range'\n")
+    buf.append(b"  what():  _Map_base::at\n")
+    buf.append(b"Segmentation fault\n")
+    buf.append(b"the end\n")
+    assert "invalid magic" not in "".join(buf.lines()[:2] + buf.lines()[-2:])
+    assert buf.relevant() == [
+        "0.00.002.000 E llama_model_load: error loading model: invalid magic",
+        "GGML_ASSERT(x) failed",
+        "terminate called after throwing an instance of 'std::out_of_range'",
+        "  what():  _Map_base::at",
+        "Segmentation fault",
+    ]
+    summary = buf.summary(tail=2).splitlines()
+    assert summary[0] == "0.00.002.000 E llama_model_load: error loading model: invalid magic"
+    assert summary[-1] == "the end"
+    assert len(summary) == len(set(summary)) == 6  # 5 relevant + "the end", no duplicates
+
+
+def test_output_buffer_long_and_broken_lines() -> None:
+    buf = OutputBuffer()
+    buf.append(b"x" * 10_000 + b"\n")
+    buf.append(b"caf\xc3\xa9 \xff\n")
+    long, broken = buf.lines()
+    assert len(long) == 4096
+    assert broken == "café \ufffd"
+
+
+@pytest.mark.anyio
+async def test_output_is_forwarded_to_a_logger(tag: str, caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("test.llama")
+    caplog.set_level(logging.DEBUG, logger="test.llama")
+    lines = [
+        "0.00.001.000 E srv  load: something broke",
+        "0.00.002.000 W srv  llama_server: CORS is open",
+        "0.00.003.000 I srv  load_model: loading model",
+        "0.00.004.000 D srv  params: n_ctx = 2048",
+        "AMX is not ready to be used!",
+    ]
+    args = fake(tag, *[a for line in lines for a in ("--say", line)])
+    proc = await ServerProcess.start(PYTHON, args, startup_timeout=10, logger=logger)
+    await proc.stop()
+    got = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "test.llama"]
+    prefix = f"[{proc.pid}] "
+    assert got[:5] == [
+        (logging.ERROR, prefix + lines[0]),
+        (logging.WARNING, prefix + lines[1]),
+        (logging.INFO, prefix + lines[2]),
+        (logging.DEBUG, prefix + lines[3]),
+        (logging.INFO, prefix + lines[4]),
+    ]
+    assert any("listening on" in message for _, message in got[5:])
+
+
+# -- no orphans ---------------------------------------------------------------------------------
+
+
+def test_child_dies_with_its_parent(tag: str) -> None:
+    """PR_SET_PDEATHSIG: a SIGKILLed parent takes its llama-server with it."""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    parent = subprocess.Popen([PYTHON, "-c", PARENT, FAKE_SERVER, "--tag", tag],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert parent.stdout is not None
+        ready, _, _ = select.select([parent.stdout], [], [], 15)
+        assert ready, "the parent did not start its server"
+        child = psutil.Process(int(parent.stdout.readline()))
+        assert child.ppid() == parent.pid and not dead(child)
+        parent.kill()
+        parent.wait(5)
+        assert wait_dead(child, 1.0), "the child outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait(5)
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+@pytest.mark.parametrize("ignores_term", [False, True], ids=["plain", "ignores-sigterm"])
+@pytest.mark.anyio
+async def test_stop_kills_the_process_group(tag: str, ignores_term: bool) -> None:
+    options = ["--grandchild"] + (["--grandchild-ignores-term"] if ignores_term else [])
+    proc = await ServerProcess.start(PYTHON, fake(tag, *options), startup_timeout=10)
+    grandchild = psutil.Process(int(line_value(proc, "grandchild ")))
+    try:
+        assert grandchild.name() == "sleep" and not dead(grandchild)
+        t0 = time.monotonic()
+        await proc.stop(grace=2.0)
+        assert time.monotonic() - t0 < 1.5  # the child went on SIGTERM; nothing waited for the pipe
+        assert proc.returncode == -signal.SIGTERM
+        assert wait_dead(grandchild, 1.0), "the grandchild survived stop()"
+        assert not reader_alive(proc.pid)
+    finally:
+        if not dead(grandchild):
+            grandchild.kill()
+
+
+@pytest.mark.anyio
+async def test_exit_during_startup_does_not_block_the_event_loop(tag: str) -> None:
+    """A grandchild holding the output pipe open must not stall other tasks."""
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await anyio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    args = fake(tag, "--grandchild", "--say", "error: bad", "--exit", "2")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        with pytest.raises(StartupError) as info:
+            await ServerProcess.start(PYTHON, args, startup_timeout=10)
+        tg.cancel_scope.cancel()
+    assert info.value.returncode == 2
+    assert "error: bad" in str(info.value)
+    pid = int(next(line for line in info.value.output.splitlines() if line.startswith("grandchild "))[11:])
+    try:
+        grandchild = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        pass
+    else:  # SIGKILL was sent by stop(); the kernel may take a moment to finish it off
+        assert wait_dead(grandchild, 1.0), "the grandchild survived a failed start"
+    assert max(gaps) < 0.5  # the reader is joined for up to 1 s: not on the event loop
