@@ -351,6 +351,8 @@ class LlamaClient:
                 max_connections=max_connections, max_keepalive_connections=4, keepalive_expiry=2.0
             ),
             trust_env=False,
+            # Plain http needs no TLS context; building one loads the CA bundle (~20 ms).
+            verify=not self.base_url.startswith("http://"),
         )
         self._streams: set[TokenStream] = set()
         self._closed = False

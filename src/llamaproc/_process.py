@@ -167,6 +167,10 @@ class ServerProcess:
         self._last_progress = time.monotonic()
         self._stopping = False
         self._stopped = False
+        # The output thread wakes the start-up wait through this pipe (port seen, output ended).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         stdout = popen.stdout
         assert stdout is not None
         self._reader = threading.Thread(
@@ -264,6 +268,7 @@ class ServerProcess:
                     m = _LISTENING.search(raw)
                     if m:
                         self.port = int(m.group(2))
+                        self._wake()
                 if logger is not None:
                     level = logging.INFO
                     parts = raw.split(None, 2)
@@ -277,6 +282,22 @@ class ServerProcess:
                 stdout.close()
             except OSError:
                 pass
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep up to ``delay`` seconds, or until the output thread has news."""
+        with anyio.move_on_after(delay):
+            await anyio.wait_readable(self._wake_r)
+        try:
+            os.read(self._wake_r, 64)
+        except OSError:
+            pass
 
     def _listening_port(self) -> int | None:
         """The child's listening TCP port, read from the kernel (fallback when the log is silent)."""
@@ -334,8 +355,10 @@ class ServerProcess:
                         f"llama-server made no progress for {timeout:g} s and is not healthy"
                         + ("" if self.port is not None else " (it never said which port it listens on)"),
                     )
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 0.02)
+                # Woken at once when the port shows up or the output ends; otherwise poll
+                # (/health while the server answers 503, the socket table, the exit status).
+                await self._sleep(delay)
+                delay = min(delay * 2, 0.02 if self.port is not None else 0.05)
         finally:
             if client is not None:
                 await client.aclose()
@@ -386,4 +409,8 @@ class ServerProcess:
             self._stopped = True
             # The pipe closes with the child; a grandchild holding it open must not hang us.
             await anyio.to_thread.run_sync(self._reader.join, 2.0, abandon_on_cancel=True)
+            if not self._reader.is_alive() and self._wake_w >= 0:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
         return self._popen.returncode
