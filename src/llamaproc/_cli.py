@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -137,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--state-dir", default=None)
         p.add_argument("--socket", default=None)
+        if name == "stop":
+            p.add_argument(
+                "--timeout",
+                type=float,
+                default=None,
+                help="seconds to wait for the daemon to exit (default: its drain_timeout + 30 s, at least 60 s)",
+            )
     return parser
 
 
@@ -162,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         command = {"chat": _daemon_cli.cmd_chat, "ps": _daemon_cli.cmd_ps, "stop": _daemon_cli.cmd_stop}
         return command[args.command](args)
+    except BrokenPipeError:
+        # Whoever read our output has gone (`llamaproc run ... | head`): stop quietly, like a
+        # program killed by SIGPIPE, with nothing left to flush into the dead pipe at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except LlamaprocError as exc:
         print(f"llamaproc: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -4,14 +4,18 @@ This module knows HTTP and llama-server's JSON; it knows nothing about
 processes. Every httpx exception is translated in one place
 (:func:`_translate`), every stream is owned by a :class:`TokenStream` that
 closes its HTTP response on ``break`` (with ``async with`` or
-``contextlib.aclosing``), on error and at the end.
+``contextlib.aclosing``, or when the stream is dropped), on error and at the
+end. Request bodies are encoded here: a parameter that is not JSON raises
+:class:`~llamaproc.InvalidArgumentError` before anything is sent.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal
+import types
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, cast
 
 import anyio
 import httpx
@@ -20,6 +24,7 @@ from httpx_sse import EventSource, ServerSentEvent
 from ._exceptions import (
     ClosedError,
     IncompleteStreamError,
+    InvalidArgumentError,
     LlamaprocError,
     ServerError,
     ServerLoadingError,
@@ -34,6 +39,8 @@ __all__ = ["DEFAULT_TIMEOUT", "LlamaClient", "TokenStream"]
 #: Connect and write stay short; a generation may take long before and between tokens.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=30.0, pool=None)
 _ERROR_BODY_LIMIT = 64 * 1024
+#: How long a stream waits for the end of the body after its final event (it normally follows at once).
+_END_OF_BODY_WAIT = 0.2
 
 _Kind = Literal["native", "chat", "text"]
 ErrorHook = Callable[[LlamaprocError], Awaitable[LlamaprocError]]
@@ -55,6 +62,25 @@ def _translate(exc: Exception, *, in_stream: bool = False) -> LlamaprocError:
         # ValueError covers bad JSON, undecodable bytes, pydantic validation and metrics parsing.
         return ServerError(f"malformed answer from llama-server: {exc!r}")
     raise exc
+
+
+def _encode(body: Any) -> bytes:
+    """A request body as JSON (as httpx would write it); what cannot be written is the caller's mistake."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"the request cannot be sent as JSON: {exc}") from exc
+
+
+def _prompt(prompt: Any) -> str | list[int]:
+    """A prompt: a string, or a sequence of token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+        ids = list(prompt)
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            return ids
+    raise InvalidArgumentError(f"prompt must be a string or a sequence of token ids (ints), not {prompt!r:.80}")
 
 
 async def _raise_for_status(response: httpx.Response) -> None:
@@ -87,55 +113,322 @@ def _timings(obj: Mapping[str, Any]) -> Timings | None:
     return Timings.model_validate(t) if isinstance(t, dict) else None
 
 
+_STREAM_HEADERS = {
+    "Accept": "text/event-stream",
+    "Cache-Control": "no-store",
+    "Content-Type": "application/json",
+    # llama-server closes the connection after every streamed answer while announcing
+    # keep-alive; saying so up front keeps the dead connection out of the pool.
+    "Connection": "close",
+}
+
+
+class _StreamState:
+    """One stream's request, connection and results.
+
+    The iteration (:func:`_iterate`) closes over this object, not over the
+    :class:`TokenStream`, and the client holds it weakly: a stream dropped in
+    the middle of a loop is freed by reference counting at once, and the
+    iteration's ``finally`` closes the response.
+    """
+
+    __slots__ = (
+        "client",
+        "path",
+        "content",
+        "kind",
+        "response",
+        "events",
+        "send_scope",
+        "streaming",
+        "texts",
+        "ids",
+        "done",
+        "released",
+        "closed_by_owner",
+        "closed_by_user",
+        "error_hook",
+        "done_hook",
+        "result",
+        "error",
+        "__weakref__",
+    )
+
+    def __init__(self, client: LlamaClient, path: str, content: bytes, kind: _Kind) -> None:
+        self.client = client
+        self.path = path
+        self.content = content
+        self.kind = kind
+        self.response: httpx.Response | None = None
+        self.events: AsyncGenerator[ServerSentEvent, None] | None = None
+        self.send_scope: anyio.CancelScope | None = None
+        self.streaming = False
+        self.texts: list[str] = []
+        self.ids: list[int] = []
+        self.done = False
+        self.released = False
+        self.closed_by_owner = False
+        self.closed_by_user = False
+        self.error_hook: ErrorHook | None = None
+        self.done_hook: Callable[[Completion], None] | None = None
+        self.result: Completion | None = None
+        self.error: LlamaprocError | None = None
+
+    async def open(self) -> AsyncGenerator[ServerSentEvent, None]:
+        if self.released:
+            raise ClosedError("the stream is closed")
+        client = self.client
+        http = client._http_client()
+        request = http.build_request("POST", self.path, content=self.content, headers=_STREAM_HEADERS)
+        client._streams.add(self)
+        with anyio.CancelScope() as scope:
+            self.send_scope = scope
+            self.response = response = await http.send(request, stream=True)
+        self.send_scope = None
+        if scope.cancelled_caught:  # release() cancelled the wait for the answer's headers
+            raise ClosedError("the stream was closed before llama-server answered")
+        await _raise_for_status(response)
+        self.events = events = EventSource(response).aiter_sse()
+        self.streaming = True
+        return events
+
+    def parse(self, data: str) -> Token | None:
+        if self.kind != "native" and data == "[DONE]":
+            self.done = True
+            return None
+        obj = json.loads(data)
+        if "error" in obj:
+            raise StreamError(obj)
+        if self.kind == "native":
+            return self.parse_native(obj)
+        choices = obj.get("choices")
+        choice = choices[0] if choices else None
+        text: str | None = None
+        if choice is not None:
+            if self.kind == "chat":
+                text = (choice.get("delta") or {}).get("content")
+            else:
+                text = choice.get("text")
+            if choice.get("finish_reason") is not None or "timings" in obj or "usage" in obj:
+                self.set_result(obj, choice.get("finish_reason"))
+        elif "usage" in obj or "timings" in obj:
+            self.set_result(obj, None)
+        if text:
+            self.texts.append(text)
+            return Token(text)
+        return None
+
+    def parse_native(self, obj: dict[str, Any]) -> Token | None:
+        text: str = obj.get("content") or ""
+        ids = obj.get("tokens")
+        if obj.get("stop"):
+            self.done = True
+            if text:
+                self.texts.append(text)
+            self.result = Completion(
+                text="".join(self.texts),
+                finish_reason=obj.get("stop_type"),
+                usage=Usage(
+                    prompt_tokens=obj.get("tokens_evaluated", 0),
+                    completion_tokens=obj.get("tokens_predicted", 0),
+                    total_tokens=obj.get("tokens_evaluated", 0) + obj.get("tokens_predicted", 0),
+                ),
+                timings=_timings(obj),
+                token_ids=self.ids or None,
+            )
+            return Token(text) if text else None
+        token_id: int | None = None
+        if ids:
+            self.ids.extend(ids)
+            if len(ids) == 1:
+                token_id = ids[0]
+        if text or token_id is not None:
+            self.texts.append(text)
+            return Token(text, token_id)
+        return None
+
+    def set_result(self, obj: dict[str, Any], finish_reason: str | None) -> None:
+        prev = self.result
+        usage = obj.get("usage")
+        timings = _timings(obj)
+        self.result = Completion(
+            text="".join(self.texts),
+            finish_reason=finish_reason or (prev.finish_reason if prev else None),
+            usage=Usage.model_validate(usage) if isinstance(usage, dict) else (prev.usage if prev else Usage()),
+            timings=timings or (prev.timings if prev else None),
+        )
+
+    async def read_to_end(self, next_event: Callable[[], Awaitable[ServerSentEvent]]) -> None:
+        """After the final event, read the end of the body, for a short while at most.
+
+        llama-server ends the body right after the final event. Reading that
+        end lets httpx's body iterators finish instead of being left to the
+        garbage collector (trio warns about each one, asyncio schedules a task
+        to close each). An error event found there (a request for several
+        prompts gives one per failed prompt) raises :class:`StreamError`;
+        anything else there is not part of this stream's answer.
+        """
+        with anyio.move_on_after(_END_OF_BODY_WAIT):
+            while True:
+                try:
+                    sse = await next_event()
+                except StopAsyncIteration:
+                    return
+                except Exception:  # noqa: BLE001 - the answer is complete; its connection may close as it likes
+                    return
+                if sse.data.startswith("{"):
+                    try:
+                        obj = json.loads(sse.data)
+                    except ValueError:
+                        continue
+                    if isinstance(obj, dict) and "error" in obj:
+                        raise StreamError(obj)
+
+    async def finish(self) -> None:
+        """Normal end: fill in the text, close the connection, call the done hook."""
+        if self.result is None:
+            self.result = Completion(text="".join(self.texts))
+        elif self.kind != "native":
+            self.result = self.result.model_copy(update={"text": "".join(self.texts)})
+        if self.result.timings is not None and self.result.usage.total_tokens == 0:
+            t = self.result.timings
+            self.result = self.result.model_copy(
+                update={"usage": Usage(prompt_tokens=t.prompt_n + t.cache_n, completion_tokens=t.predicted_n,
+                                       total_tokens=t.prompt_n + t.cache_n + t.predicted_n)}
+            )
+        await self.release()
+        if self.done_hook is not None:
+            self.done_hook(self.result)
+
+    async def fail(self, exc: Exception) -> LlamaprocError:
+        """The error to raise for ``exc``, with its cause set; closes the connection first."""
+        self.done = True
+        self.result = None  # the stream did not end normally
+        await self.release()
+        error: LlamaprocError
+        if self.closed_by_user:
+            # aclose() from another task cut the connection under the reader: not a server error.
+            error = exc if isinstance(exc, ClosedError) else ClosedError("the stream was closed")
+            if error is not exc:
+                error.__cause__ = exc
+            self.error = error
+            return error
+        if self.closed_by_owner:
+            error = ClosedError("the stream was closed because its client was closed")
+        else:
+            error = _translate(exc, in_stream=self.streaming)
+        if error is not exc:
+            error.__cause__ = exc
+        if self.error_hook is not None:
+            replaced = await self.error_hook(error)
+            if replaced is not error and replaced.__cause__ is None:
+                replaced.__cause__ = error
+            error = replaced
+        self.error = error
+        return error
+
+    async def release(self) -> None:
+        """Close the HTTP response (idempotent, shielded); a pending send is cancelled."""
+        if self.released:
+            return
+        self.released = True
+        self.client._streams.discard(self)
+        scope = self.send_scope
+        if scope is not None:
+            scope.cancel()
+        events, self.events = self.events, None
+        response = self.response
+        with anyio.CancelScope(shield=True):
+            if events is not None:
+                try:
+                    await events.aclose()
+                except Exception:  # noqa: BLE001 - closing is best effort (it may be running in another task)
+                    pass
+            if response is not None:
+                await response.aclose()
+
+
+async def _iterate(state: _StreamState) -> AsyncGenerator[Token, None]:
+    """The tokens of one stream. Closes the response however it ends, garbage collection included."""
+    if state.done:
+        return
+    try:
+        events = await state.open()
+        next_event = events.__anext__
+        parse = state.parse
+        while True:
+            try:
+                sse = await next_event()
+            except StopAsyncIteration:
+                raise IncompleteStreamError(
+                    "the stream ended without its final event" + ("" if state.kind == "native" else " ([DONE])")
+                ) from None
+            token = parse(sse.data)
+            if state.done:
+                break
+            if token is not None:
+                yield token
+        # The final event; it may carry the last text (native ``stop`` chunk).
+        await state.read_to_end(next_event)
+        await state.finish()
+    except Exception as exc:  # noqa: BLE001 - fail() translates it and sets the cause
+        raise await state.fail(exc)
+    finally:
+        # Cancellation, aclose() and garbage collection end up here too.
+        await state.release()
+    if token is not None:
+        yield token
+
+
 class TokenStream:
     """An async iterator of :class:`Token` over one streaming request.
 
     The request is sent on first use. Use it as ``async with stream:`` (or
     ``contextlib.aclosing``) so that leaving the loop early closes the HTTP
-    response at once, which makes llama-server free the slot. After the last
-    token, :attr:`result` holds the summary (finish reason, usage, timings).
-    A stream never just stops on a failure: an error body, an error event or a
-    connection cut before the final event raise.
+    response at once, which makes llama-server free the slot; a stream that
+    is dropped (``break`` out of ``async for tok in model.generate(...)``)
+    closes it too, as soon as it is garbage. After the last token,
+    :attr:`result` holds the summary (finish reason, usage, timings). A stream
+    never just stops on a failure: an error body, an error event or a
+    connection cut before the final event raise. :meth:`aclose` called while
+    another task waits for a token makes that task raise :class:`ClosedError`.
     """
 
-    __slots__ = (
-        "_client",
-        "_path",
-        "_body",
-        "_kind",
-        "_response",
-        "_events",
-        "_texts",
-        "_ids",
-        "_done",
-        "_closed",
-        "_closed_by_owner",
-        "error_hook",
-        "done_hook",
-        "result",
-        "error",
-    )
+    __slots__ = ("_state", "_agen")
 
     def __init__(self, client: LlamaClient, path: str, body: dict[str, Any], kind: _Kind) -> None:
-        self._client = client
-        self._path = path
-        self._body = body
-        self._kind = kind
-        self._response: httpx.Response | None = None
-        self._events: AsyncIterator[ServerSentEvent] | None = None
-        self._texts: list[str] = []
-        self._ids: list[int] = []
-        self._done = False
-        self._closed = False
-        self._closed_by_owner = False
-        #: Called with any error before it is raised; returns the error to raise.
-        self.error_hook: ErrorHook | None = None
-        #: Called with :attr:`result` when the stream ends normally.
-        self.done_hook: Callable[[Completion], None] | None = None
-        #: The summary, once the stream has ended normally.
-        self.result: Completion | None = None
-        #: The error the stream ended with, if any.
-        self.error: LlamaprocError | None = None
+        self._state = _StreamState(client, path, _encode(body), kind)
+        self._agen: types.AsyncGeneratorType[Token, None] | None = None
+
+    # -- results and hooks ----------------------------------------------------------------------
+
+    @property
+    def result(self) -> Completion | None:
+        """The summary, once the stream has ended normally."""
+        return self._state.result
+
+    @property
+    def error(self) -> LlamaprocError | None:
+        """The error the stream ended with, if any."""
+        return self._state.error
+
+    @property
+    def error_hook(self) -> ErrorHook | None:
+        """Called with any error before it is raised; returns the error to raise."""
+        return self._state.error_hook
+
+    @error_hook.setter
+    def error_hook(self, hook: ErrorHook | None) -> None:
+        self._state.error_hook = hook
+
+    @property
+    def done_hook(self) -> Callable[[Completion], None] | None:
+        """Called with :attr:`result` when the stream ends normally."""
+        return self._state.done_hook
+
+    @done_hook.setter
+    def done_hook(self, hook: Callable[[Completion], None] | None) -> None:
+        self._state.done_hook = hook
 
     # -- context manager / iterator protocol ---------------------------------------------------
 
@@ -145,182 +438,30 @@ class TokenStream:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def __aiter__(self) -> TokenStream:
-        return self
+    def __aiter__(self) -> types.AsyncGeneratorType[Token, None]:
+        agen = self._agen
+        if agen is None:
+            agen = self._agen = cast("types.AsyncGeneratorType[Token, None]", _iterate(self._state))
+        return agen
 
     async def __anext__(self) -> Token:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            events = self._events
-            if events is None:
-                events = await self._open()
-            while True:
-                try:
-                    sse = await events.__anext__()
-                except StopAsyncIteration:
-                    raise IncompleteStreamError(
-                        "the stream ended without its final event" + ("" if self._kind == "native" else " ([DONE])")
-                    ) from None
-                token = self._parse(sse.data)
-                if self._done:
-                    # The final event; it may carry the last text (native ``stop`` chunk).
-                    await self._finish()
-                    if token is None:
-                        raise StopAsyncIteration
-                if token is not None:
-                    return token
-        except (StopAsyncIteration, GeneratorExit):
-            raise
-        except BaseException as exc:
-            if not isinstance(exc, Exception):
-                # Cancellation and KeyboardInterrupt: close, then let it through.
-                await self._close_response()
-                raise
-            error: LlamaprocError
-            if self._closed_by_owner:
-                error = ClosedError("the stream was closed because its client was closed")
-            else:
-                error = _translate(exc, in_stream=self._events is not None)
-            await self._close_response()
-            if self.error_hook is not None:
-                error = await self.error_hook(error)
-            self.error = error
-            self._done = True
-            if error is exc:
-                raise
-            raise error from exc
+        return await self.__aiter__().__anext__()
 
     async def aclose(self) -> None:
-        """Close the HTTP response (idempotent). Shielded from cancellation."""
-        self._done = True
-        await self._close_response()
+        """Close the HTTP response (idempotent). Shielded from cancellation.
 
-    # -- internals -------------------------------------------------------------------------------
-
-    async def _open(self) -> AsyncIterator[ServerSentEvent]:
-        if self._closed:
-            raise ClosedError("the stream is closed")
-        client = self._client
-        http = client._http_client()
-        request = http.build_request(
-            "POST",
-            self._path,
-            json=self._body,
-            # llama-server closes the connection after every streamed answer while announcing
-            # keep-alive; saying so up front keeps the dead connection out of the pool.
-            headers={"Accept": "text/event-stream", "Cache-Control": "no-store", "Connection": "close"},
-        )
-        client._streams.add(self)
-        self._response = response = await http.send(request, stream=True)
-        await _raise_for_status(response)
-        self._events = events = EventSource(response).aiter_sse()
-        return events
-
-    def _parse(self, data: str) -> Token | None:
-        if self._kind != "native" and data == "[DONE]":
-            self._done = True
-            return None
-        obj = json.loads(data)
-        if "error" in obj:
-            raise StreamError(obj)
-        if self._kind == "native":
-            return self._parse_native(obj)
-        choices = obj.get("choices")
-        choice = choices[0] if choices else None
-        text: str | None = None
-        if choice is not None:
-            if self._kind == "chat":
-                text = (choice.get("delta") or {}).get("content")
-            else:
-                text = choice.get("text")
-            if choice.get("finish_reason") is not None or "timings" in obj or "usage" in obj:
-                self._set_result(obj, choice.get("finish_reason"))
-        elif "usage" in obj or "timings" in obj:
-            self._set_result(obj, None)
-        if text:
-            self._texts.append(text)
-            return Token(text)
-        return None
-
-    def _parse_native(self, obj: dict[str, Any]) -> Token | None:
-        text: str = obj.get("content") or ""
-        ids = obj.get("tokens")
-        if obj.get("stop"):
-            self._done = True
-            if text:
-                self._texts.append(text)
-            self.result = Completion(
-                text="".join(self._texts),
-                finish_reason=obj.get("stop_type"),
-                usage=Usage(
-                    prompt_tokens=obj.get("tokens_evaluated", 0),
-                    completion_tokens=obj.get("tokens_predicted", 0),
-                    total_tokens=obj.get("tokens_evaluated", 0) + obj.get("tokens_predicted", 0),
-                ),
-                timings=_timings(obj),
-                token_ids=self._ids or None,
-            )
-            return Token(text) if text else None
-        token_id: int | None = None
-        if ids:
-            self._ids.extend(ids)
-            if len(ids) == 1:
-                token_id = ids[0]
-        if text or token_id is not None:
-            self._texts.append(text)
-            return Token(text, token_id)
-        return None
-
-    def _set_result(self, obj: dict[str, Any], finish_reason: str | None) -> None:
-        prev = self.result
-        usage = obj.get("usage")
-        timings = _timings(obj)
-        self.result = Completion(
-            text="".join(self._texts),
-            finish_reason=finish_reason or (prev.finish_reason if prev else None),
-            usage=Usage.model_validate(usage) if isinstance(usage, dict) else (prev.usage if prev else Usage()),
-            timings=timings or (prev.timings if prev else None),
-        )
-
-    async def _finish(self) -> None:
-        """Normal end: fill in the text and give the connection back to the pool."""
-        if self.result is None:
-            self.result = Completion(text="".join(self._texts))
-        elif self._kind != "native":
-            self.result = self.result.model_copy(update={"text": "".join(self._texts)})
-        if self.result.timings is not None and self.result.usage.total_tokens == 0:
-            t = self.result.timings
-            self.result = self.result.model_copy(
-                update={"usage": Usage(prompt_tokens=t.prompt_n + t.cache_n, completion_tokens=t.predicted_n,
-                                       total_tokens=t.prompt_n + t.cache_n + t.predicted_n)}
-            )
-        # Read the (empty) rest of the body so the connection goes back to the pool.
-        events = self._events
-        if events is not None:
-            with anyio.move_on_after(1.0):
-                try:
-                    async for _ in events:
-                        pass
-                except Exception:  # noqa: BLE001 - the answer is complete; draining is best effort
-                    pass
-        await self._close_response()
-        if self.done_hook is not None:
-            self.done_hook(self.result)
-
-    async def _close_response(self) -> None:
-        self._closed = True
-        self._client._streams.discard(self)
-        events, self._events = self._events, None
-        response = self._response
+        If another task is waiting for a token of this stream, it raises
+        :class:`ClosedError`.
+        """
+        state = self._state
+        state.done = True
+        agen = self._agen
         with anyio.CancelScope(shield=True):
-            if events is not None and hasattr(events, "aclose"):
-                try:
-                    await events.aclose()
-                except Exception:  # noqa: BLE001 - closing is best effort
-                    pass
-            if response is not None:
-                await response.aclose()
+            if agen is not None and agen.ag_running:
+                state.closed_by_user = True
+            elif agen is not None:
+                await agen.aclose()
+            await state.release()
 
 
 class LlamaClient:
@@ -354,7 +495,8 @@ class LlamaClient:
             # Plain http needs no TLS context; building one loads the CA bundle (~20 ms).
             verify=not self.base_url.startswith("http://"),
         )
-        self._streams: set[TokenStream] = set()
+        # Held weakly: a stream nobody references any more is closed by its own iteration.
+        self._streams: weakref.WeakSet[_StreamState] = weakref.WeakSet()
         self._closed = False
 
     async def __aenter__(self) -> LlamaClient:
@@ -371,9 +513,9 @@ class LlamaClient:
         """Close every open stream, then the connection pool. Shielded from cancellation."""
         self._closed = True
         with anyio.CancelScope(shield=True):
-            for stream in list(self._streams):
-                stream._closed_by_owner = True
-                await stream._close_response()
+            for state in list(self._streams):
+                state.closed_by_owner = True
+                await state.release()
             await self._http.aclose()
 
     def _http_client(self) -> httpx.AsyncClient:
@@ -383,8 +525,10 @@ class LlamaClient:
 
     async def _request(self, method: str, path: str, *, json_body: Any = None) -> httpx.Response:
         http = self._http_client()
+        content = None if json_body is None else _encode(json_body)
+        headers = None if content is None else {"Content-Type": "application/json"}
         try:
-            response = await http.request(method, path, json=json_body)
+            response = await http.request(method, path, content=content, headers=headers)
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
         await _raise_for_status(response)
@@ -449,14 +593,12 @@ class LlamaClient:
 
     def stream_completion(self, prompt: str | Sequence[int], **params: Any) -> TokenStream:
         """Native ``POST /completion`` with ``stream: true``; tokens carry their ids."""
-        body = {"prompt": prompt if isinstance(prompt, str) else list(prompt), **params,
-                "stream": True, "return_tokens": True}
+        body = {"prompt": _prompt(prompt), **params, "stream": True, "return_tokens": True}
         return TokenStream(self, "/completion", body, "native")
 
     async def completion(self, prompt: str | Sequence[int], **params: Any) -> Completion:
         """Native ``POST /completion``, not streamed."""
-        body = {"prompt": prompt if isinstance(prompt, str) else list(prompt), **params,
-                "stream": False, "return_tokens": True}
+        body = {"prompt": _prompt(prompt), **params, "stream": False, "return_tokens": True}
         obj = await self._json("POST", "/completion", body)
         return Completion(
             text=obj.get("content", ""),

@@ -9,7 +9,14 @@ listens, for clients to find it.
 On SIGTERM or SIGINT it stops admitting requests (new ones get 503), waits up
 to ``drain_timeout`` for the requests in flight to finish, stops the HTTP and
 socket servers, then the llama-server children, removes its files and returns.
-A second signal during the drain stops waiting.
+A second signal during the drain stops waiting. When requests are still in
+flight at the deadline the models are stopped first: requests still waiting
+get a ``shutting_down`` error (503) and streams end with an error event, so
+that the HTTP and socket servers can then close without cutting anything
+mid-answer.
+
+Paths given relative (``--state-dir``, ``--socket``) are made absolute:
+``serve.json`` must be usable by clients started from any directory.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +45,9 @@ from ._pidlock import PidLock
 
 if TYPE_CHECKING:
     from ._pool import ModelPool
+    from ._socket import ActiveRequests
 
-__all__ = ["DaemonInfo", "cmd_serve", "default_state_dir", "run_daemon"]
+__all__ = ["DaemonInfo", "ListenError", "cmd_serve", "default_state_dir", "run_daemon"]
 
 _log = logging.getLogger("llamaproc.serve")
 
@@ -48,8 +56,23 @@ DEFAULT_PORT = 8484
 PID_FILE = "serve.pid"
 INFO_FILE = "serve.json"
 SOCKET_FILE = "serve.sock"
-#: How long the HTTP server waits for open connections once the pool has drained.
+#: How long the HTTP server waits for open connections once the pool has drained (or been closed).
 HTTP_SHUTDOWN_TIMEOUT = 5
+#: How long the socket server gets to write the last events of its requests before it closes.
+SOCKET_SHUTDOWN_TIMEOUT = 2.0
+
+
+class ListenError(OSError):
+    """The daemon cannot listen where it was told to (a TCP address or a Unix socket path)."""
+
+    def __init__(self, where: str, cause: OSError | str) -> None:
+        errno_ = cause.errno if isinstance(cause, OSError) else None
+        super().__init__(errno_, str(cause))
+        self.where = where
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.where}: {self.cause}"
 
 
 @dataclass(frozen=True)
@@ -60,9 +83,10 @@ class DaemonInfo:
     http: str
     socket: str | None
     state_dir: Path
+    drain_timeout: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"pid": self.pid, "http": self.http, "socket": self.socket}
+        return {"pid": self.pid, "http": self.http, "socket": self.socket, "drain_timeout": self.drain_timeout}
 
 
 def default_state_dir() -> Path:
@@ -79,15 +103,25 @@ class _Server(uvicorn.Server):
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (bound here, so that errors and the real port are known at once)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, type_, proto, _, address = infos[0]
-    sock = socket.socket(family, type_, proto)
+    """A listening TCP socket (bound here, so that errors and the real port are known at once).
+
+    Raises :class:`ListenError` naming ``HOST:PORT``.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, address = infos[0]
+        sock = socket.socket(family, type_, proto)
+    except OSError as exc:
+        raise ListenError(where, exc) from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(where, exc) from exc
     except BaseException:
         sock.close()
         raise
@@ -130,23 +164,28 @@ async def run_daemon(
     """Serve ``config``'s models until SIGTERM or SIGINT, then shut down gracefully.
 
     ``socket_path`` defaults to ``STATE_DIR/serve.sock`` and ``state_dir`` to
-    ``~/.llamaproc``. ``ready`` is called with the :class:`DaemonInfo` once
-    both servers listen (and ``serve.json`` is written). Raises
-    :class:`AlreadyRunningError` if another daemon holds the state dir's pid
-    lock and :class:`OSError` if the port cannot be bound. Must run on the
-    asyncio backend (uvicorn).
+    ``~/.llamaproc``; both are made absolute. ``ready`` is called with the
+    :class:`DaemonInfo` once both servers listen (and ``serve.json`` is
+    written). Raises :class:`AlreadyRunningError` if another daemon holds the
+    state dir's pid lock and :class:`ListenError` (an :class:`OSError`) if the
+    port or the socket cannot be bound. Must run on the asyncio backend
+    (uvicorn).
     """
     from ._pool import ModelPool
+    from ._socket import ActiveRequests
 
-    directory = Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
+    directory = _absolute(state_dir) if state_dir is not None else default_state_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    sock_path = Path(socket_path).expanduser() if socket_path is not None else directory / SOCKET_FILE
+    sock_path = _absolute(socket_path) if socket_path is not None else directory / SOCKET_FILE
+    if not sock_path.parent.is_dir():
+        raise ListenError(f"socket {sock_path}", f"the directory {sock_path.parent} does not exist")
     with contextlib.ExitStack() as stack:
         signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
         stack.enter_context(PidLock(directory / PID_FILE))
         listener = stack.enter_context(_bind(host, port))
         url = _url(listener)
         metrics = ServeMetrics()
+        socket_requests = ActiveRequests()
         async with Upstream() as client, ModelPool(config) as pool:
             metrics.attach(pool)
             app = create_app(pool, client=client, metrics=metrics, max_body=max_body)
@@ -161,12 +200,30 @@ async def run_daemon(
                 )
             )
             async with anyio.create_task_group() as tg:
-                tg.start_soon(server.serve, [listener])
-                while not server.started:
-                    await anyio.sleep(0.005)
+                sweeper_scope = anyio.CancelScope()
+                tg.start_soon(_run_in, sweeper_scope, client.run_sweeper)
                 socket_scope = anyio.CancelScope()
-                socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics)
-                info = DaemonInfo(pid=os.getpid(), http=url, socket=socket_url, state_dir=directory)
+                socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics, socket_requests)
+                served = anyio.Event()
+
+                async def serve_http() -> None:
+                    try:
+                        await server.serve([listener])
+                    finally:
+                        served.set()
+
+                tg.start_soon(serve_http)
+                while not server.started:
+                    if served.is_set():
+                        raise ListenError(url, "the HTTP server stopped during start-up")
+                    await anyio.sleep(0.005)
+                info = DaemonInfo(
+                    pid=os.getpid(),
+                    http=url,
+                    socket=socket_url,
+                    state_dir=directory,
+                    drain_timeout=config.drain_timeout,
+                )
                 stack.enter_context(_removing(directory / INFO_FILE))
                 _write_info(directory / INFO_FILE, info)
                 _log.info("llamaproc serve: listening on %s", url)
@@ -177,15 +234,33 @@ async def run_daemon(
                 async for signum in signals:
                     _log.info("llamaproc serve: %s received, draining", signal.Signals(signum).name)
                     break
-                await _drain(pool, config.drain_timeout, signals)
+                if not await _drain(pool, config.drain_timeout, signals):
+                    # Stop the models now, while the servers still run: what waits gets a
+                    # shutting_down error and what streams ends with an error event.
+                    _log.info("llamaproc serve: stopping models and the requests still using them")
+                    await pool.close()
+                with anyio.move_on_after(SOCKET_SHUTDOWN_TIMEOUT):
+                    await socket_requests.wait_idle()
                 server.should_exit = True
                 socket_scope.cancel()
-            _log.info("llamaproc serve: stopping models")
+                sweeper_scope.cancel()
+            if not pool.closed:
+                _log.info("llamaproc serve: stopping models")
         _log.info("llamaproc serve: stopped")
 
 
-async def _drain(pool: ModelPool, timeout: float, signals: AsyncIterator[int]) -> None:
-    """Wait for in-flight requests (up to ``timeout``); a second signal stops waiting."""
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+async def _run_in(scope: anyio.CancelScope, func: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await func()
+
+
+async def _drain(pool: ModelPool, timeout: float, signals: AsyncIterator[int]) -> bool:
+    """Wait for in-flight requests (up to ``timeout``); a second signal stops waiting. True if drained."""
+    drained = False
     async with anyio.create_task_group() as tg:
 
         async def second_signal() -> None:
@@ -199,19 +274,30 @@ async def _drain(pool: ModelPool, timeout: float, signals: AsyncIterator[int]) -
         tg.start_soon(second_signal)
         drained = await pool.drain(timeout)
         if not drained:
-            _log.warning("llamaproc serve: requests still in flight after %gs, stopping anyway", timeout)
+            _log.warning("llamaproc serve: requests still in flight after %gs, stopping them", timeout)
         tg.cancel_scope.cancel()
+    return drained
 
 
 async def _start_socket(
-    tg: anyio.abc.TaskGroup, scope: anyio.CancelScope, pool: ModelPool, path: Path, metrics: ServeMetrics
+    tg: anyio.abc.TaskGroup,
+    scope: anyio.CancelScope,
+    pool: ModelPool,
+    path: Path,
+    metrics: ServeMetrics,
+    active: ActiveRequests,
 ) -> str:
     """Start the Unix socket server in ``tg``, cancellable through ``scope``; return its path."""
     from ._socket import serve_socket
 
     async def run(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with scope:
-            await serve_socket(pool, path, metrics=metrics, task_status=task_status)
+            try:
+                await serve_socket(pool, path, metrics=metrics, active=active, task_status=task_status)
+            except OSError as exc:
+                if isinstance(exc, ListenError):
+                    raise
+                raise ListenError(f"socket {path}", exc) from exc
 
     await tg.start(run)
     return str(path)
@@ -244,7 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"llamaproc serve: already running ({who}, lock {exc.path})", file=sys.stderr)
         return 1
     except (OSError, LlamaprocError) as exc:
-        print(f"llamaproc serve: cannot start: {exc}", file=sys.stderr)
+        print(f"llamaproc serve: {_start_error(exc)}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
         # A failure inside the task group (e.g. the socket cannot be bound): report the cause.
@@ -252,9 +338,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not all(isinstance(e, (OSError, LlamaprocError)) for e in errors):
             raise
         for error in errors:
-            print(f"llamaproc serve: {type(error).__name__}: {error}", file=sys.stderr)
+            print(f"llamaproc serve: {_start_error(error)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _start_error(exc: BaseException) -> str:
+    if isinstance(exc, ListenError):
+        return str(exc)
+    return f"cannot start: {type(exc).__name__}: {exc}"
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

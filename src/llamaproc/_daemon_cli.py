@@ -27,7 +27,7 @@ from typing import Any, Self
 
 import psutil
 
-from ._exceptions import DaemonError, DaemonNotRunningError, DaemonRequestError, LlamaprocError
+from ._exceptions import DaemonError, DaemonNotRunningError, DaemonRequestError
 from ._pidlock import read_pid
 
 __all__ = [
@@ -44,8 +44,10 @@ __all__ = [
 ]
 
 DEFAULT_STATE_DIR = "~/.llamaproc"
-#: How long ``llamaproc stop`` waits for the daemon to exit (drain deadline + stopping children).
-STOP_TIMEOUT = 40.0
+#: How long ``llamaproc stop`` waits for the daemon to exit by default: the default drain deadline
+#: (30 s) plus time to stop the children. A daemon whose serve.json names a longer drain_timeout
+#: gets that plus 30 s.
+STOP_TIMEOUT = 60.0
 
 Message = Mapping[str, Any]
 
@@ -383,7 +385,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except ProcessLookupError:
         _err(f"llamaproc stop: not running (pid {pid} has already exited)")
         return 1
-    timeout = float(getattr(args, "timeout", None) or STOP_TIMEOUT)
+    given = getattr(args, "timeout", None)
+    timeout = _default_stop_timeout(state_dir(args)) if given is None else float(given)
     _err(f"llamaproc stop: sent SIGTERM to the daemon (pid {pid}); waiting for it to finish its requests")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -393,6 +396,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
         time.sleep(0.05)
     _err(f"llamaproc stop: the daemon (pid {pid}) is still running after {timeout:g}s")
     return 1
+
+
+def _default_stop_timeout(directory: Path) -> float:
+    """``STOP_TIMEOUT``, or the daemon's drain timeout (from serve.json) + 30 s when that is longer."""
+    try:
+        drain = json.loads((directory / "serve.json").read_text()).get("drain_timeout")
+    except (OSError, ValueError, AttributeError):
+        drain = None
+    if isinstance(drain, (int, float)) and not isinstance(drain, bool):
+        return max(STOP_TIMEOUT, float(drain) + 30.0)
+    return STOP_TIMEOUT
 
 
 def _alive(pid: int) -> bool:

@@ -26,7 +26,8 @@
     │   ├── DaemonNotRunningError    no daemon answers
     │   └── DaemonRequestError       the daemon answered with an error event; .code, .message
     └── UsageError (also RuntimeError)
-        └── ClosedError              the object was used after close()
+        ├── ClosedError              the object was used after close()
+        └── InvalidArgumentError     a bad argument (also ValueError): wrong type or value
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "DaemonNotRunningError",
     "DaemonRequestError",
     "IncompleteStreamError",
+    "InvalidArgumentError",
     "LlamaprocError",
     "ModelFileError",
     "ModelNotFoundError",
@@ -66,7 +68,16 @@ __all__ = [
 
 
 class LlamaprocError(Exception):
-    """Root of every error raised by llamaproc."""
+    """Root of every error raised by llamaproc.
+
+    Every error pickles and copies with its attributes (``status_code``,
+    ``returncode``, ``output`` ...), whatever its constructor takes: it is
+    rebuilt from its message arguments and attributes, not by calling
+    ``__init__`` again.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__.copy()))
 
 
 # --- server / HTTP -------------------------------------------------------------------------------
@@ -237,6 +248,18 @@ class UsageError(LlamaprocError, RuntimeError):
 
 class ClosedError(UsageError):
     """The model, client or process was used after it was closed."""
+
+
+class InvalidArgumentError(UsageError, ValueError):
+    """An argument of the wrong type or out of range (``parallel=0``, ``prompt=None`` ...)."""
+
+
+def _rebuild(cls: type[LlamaprocError], args: tuple[Any, ...], state: dict[str, Any]) -> LlamaprocError:
+    """Unpickle an error without calling its ``__init__`` (whose parameters differ from ``args``)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 def _error_message(body: Any) -> str:

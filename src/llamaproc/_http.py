@@ -22,7 +22,10 @@ closed (which frees llama-server's slot) and the admission released.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 unknown model 404, bad JSON or fields 400, body too large 413, queue full 429
-with ``Retry-After``, model failed or daemon shutting down 503.
+with ``Retry-After``, model failed or daemon shutting down 503. A stream that
+fails after its first event ends with an error event (``data: {"error":
+...}``) and no ``[DONE]``; when the daemon stops its models after the drain
+timeout, that event's code is ``shutting_down``.
 """
 
 from __future__ import annotations
@@ -196,9 +199,17 @@ class Upstream:
     ``connect_timeout``. At most ``max_idle`` idle connections are kept per
     address: llama-server gives each open connection one of its few HTTP
     threads (``parallel + 2``), and idle ones must not starve its health
-    probes. Streamed answers are never kept (llama-server closes them). There is no read timeout: a generation may take
-    long, and a child that hangs is restarted by its supervisor, which cuts
-    the connection.
+    probes. Streamed answers are never kept (llama-server closes them). There
+    is no read timeout: a generation may take long, and a child that hangs is
+    restarted by its supervisor, which cuts the connection.
+
+    Children come and go (unloads, evictions, restarts on new ports), so idle
+    connections that can no longer be used (expired, or closed by their
+    server) are closed by :meth:`sweep`, which runs as connections are put
+    back (at most every ``keepalive_expiry / 2`` seconds) and from
+    :meth:`run_sweeper`; addresses with no idle connection left are
+    forgotten. Without it a connection to a stopped child would stay open
+    (``CLOSE_WAIT``) for ever.
     """
 
     def __init__(self, *, connect_timeout: float = 5.0, keepalive_expiry: float = 2.0, max_idle: int = 4) -> None:
@@ -207,6 +218,7 @@ class Upstream:
         self.max_idle = max_idle
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
+        self._swept = time.monotonic()
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -223,6 +235,35 @@ class Upstream:
                 conn.close()
         self._idle.clear()
 
+    def idle_connections(self) -> int:
+        """How many idle connections are kept now."""
+        return sum(len(conns) for conns in self._idle.values())
+
+    def sweep(self) -> None:
+        """Close the idle connections that cannot be reused; forget addresses left with none."""
+        now = time.monotonic()
+        self._swept = now
+        expiry = self.keepalive_expiry
+        for address, conns in list(self._idle.items()):
+            usable = []
+            for conn in conns:
+                if conn.usable(now, expiry):
+                    usable.append(conn)
+                else:
+                    conn.close()
+            if usable:
+                self._idle[address] = usable
+            else:
+                del self._idle[address]
+        if not self._idle and len(self._addresses) > 64:
+            self._addresses.clear()
+
+    async def run_sweeper(self) -> None:
+        """Sweep every ``keepalive_expiry / 2`` seconds until cancelled (also when no request comes)."""
+        while not self._closed:
+            await anyio.sleep(self.keepalive_expiry / 2)
+            self.sweep()
+
     def _address(self, base_url: str) -> tuple[str, int]:
         address = self._addresses.get(base_url)
         if address is None:
@@ -238,22 +279,31 @@ class Upstream:
         if self._closed:
             conn.close()
             return
+        now = time.monotonic()
+        if now - self._swept >= self.keepalive_expiry / 2:
+            self.sweep()
         peer = conn.writer.get_extra_info("peername")
+        if not peer:
+            conn.close()
+            return
         idle = self._idle.setdefault((peer[0], peer[1]), [])
         if len(idle) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now
         idle.append(conn)
 
     def _take(self, address: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(address)
+        if idle is None:
+            return None
         now = time.monotonic()
         while idle:
             conn = idle.pop()
             if conn.usable(now, self.keepalive_expiry):
                 return conn
             conn.close()
+        del self._idle[address]
         return None
 
     async def _connect(self, address: tuple[str, int]) -> _Connection:
@@ -486,40 +536,66 @@ class _Call:
                 errored = True
             await send({"type": "http.response.body", "body": _MODEL_FIELD.sub(model_field, part), "more_body": True})
         if pending:
-            await send({"type": "http.response.body", "body": pending, "more_body": True})
+            if _DONE in pending:
+                done = True
+            elif b'data: {"error"' in pending:
+                errored = True
+            await send(
+                {"type": "http.response.body", "body": _MODEL_FIELD.sub(model_field, pending), "more_body": True}
+            )
         if not self.tokens:
             self.tokens = counted
         if not done:
             # llama-server ends a failed stream with an error event and no [DONE]; a stream cut
             # short without one gets an error event of ours.
-            if not errored:
-                await self._stream_error(model, f"model {self.name!r}: the stream ended before its end")
-            self.status = "502"
+            if self.state.pool.closed:
+                await self._stream_error(self._shutdown_message(), "shutting_down")
+                self.status = "503"
+            else:
+                if not errored:
+                    await self._stream_error(self._cut_message(model, "the stream ended before its end"))
+                self.status = "502"
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _upstream_failed(self, model: TextModel, exc: UpstreamError) -> None:
         """The child could not be reached or cut the connection."""
-        with anyio.move_on_after(0.5):  # a cut connection is seen before the exit status
-            while model.returncode is None:
-                await anyio.sleep(0.01)
-        if model.returncode is not None:
-            message = f"model {self.name!r}: llama-server exited with code {model.returncode}; it is being restarted"
-            status = 503
+        code = "upstream_error"
+        if self.state.pool.closed:
+            message, status, code = self._shutdown_message(), 503, "shutting_down"
         else:
-            message = f"model {self.name!r}: llama-server request failed: {type(exc).__name__}: {exc}"
-            status = 502
-        _log.warning("%s", message)
+            with anyio.move_on_after(0.5):  # a cut connection is seen before the exit status
+                while model.returncode is None and not self.state.pool.closed:
+                    await anyio.sleep(0.01)
+            if self.state.pool.closed:
+                message, status, code = self._shutdown_message(), 503, "shutting_down"
+            elif model.returncode is not None:
+                message = (
+                    f"model {self.name!r}: llama-server exited with code {model.returncode}; it is being restarted"
+                )
+                status = 503
+            else:
+                message = f"model {self.name!r}: llama-server request failed: {type(exc).__name__}: {exc}"
+                status = 502
+            _log.warning("%s", message)
         if self.response_started:
-            await self._stream_error(model, message)
+            if code == "upstream_error":
+                message = self._cut_message(model, message)
+            await self._stream_error(message, code)
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
             self.status = str(status)
         else:
-            await self._error(status, message, "server_error", code="upstream_error")
+            await self._error(status, message, "server_error", code=code, headers=_retry(code))
 
-    async def _stream_error(self, model: TextModel, message: str) -> None:
+    def _shutdown_message(self) -> str:
+        return f"model {self.name!r}: the daemon is shutting down and stopped the request after its drain timeout"
+
+    def _cut_message(self, model: TextModel, message: str) -> str:
         if model.returncode is not None:
-            message = f"model {self.name!r}: llama-server exited with code {model.returncode} during the stream"
-        event = b"data: " + _error_body(message, "server_error", code="upstream_error") + b"\n\n"
+            return f"model {self.name!r}: llama-server exited with code {model.returncode} during the stream"
+        return message if message.startswith("model ") else f"model {self.name!r}: {message}"
+
+    async def _stream_error(self, message: str, code: str = "upstream_error") -> None:
+        event = b"data: " + _error_body(message, "server_error", code=code) + b"\n\n"
         await self._send({"type": "http.response.body", "body": event, "more_body": True})
 
     def _model_field(self) -> bytes:
@@ -543,6 +619,10 @@ class _Call:
         self.status = str(status)
         self.response_started = True
         await _send_error(self._send, status, message, type_, code=code, param=param, headers=headers)
+
+
+def _retry(code: str) -> dict[str, str]:
+    return {"Retry-After": "1"} if code == "shutting_down" else {}
 
 
 async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

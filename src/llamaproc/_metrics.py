@@ -16,6 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ._supervisor import Phase
+
 if TYPE_CHECKING:
     from ._pool import ModelPool
 
@@ -128,7 +130,9 @@ class _PoolCollector(Collector):
         in_flight = GaugeMetricFamily("llamaproc_model_in_flight", "Requests holding a slot.", labels=["model"])
         loaded = GaugeMetricFamily("llamaproc_model_loaded", "1 when the model is loaded.", labels=["model"])
         phase = GaugeMetricFamily(
-            "llamaproc_model_phase", "1 for the model's current phase.", labels=["model", "phase"]
+            "llamaproc_model_phase",
+            "1 for the model's current phase, 0 for the others (one series per phase).",
+            labels=["model", "phase"],
         )
         restarts = CounterMetricFamily(
             "llamaproc_model_restarts", "Restarts of the model's llama-server after a crash.", labels=["model"]
@@ -137,7 +141,8 @@ class _PoolCollector(Collector):
             queued.add_metric([s.name], s.queued)
             in_flight.add_metric([s.name], s.in_flight)
             loaded.add_metric([s.name], 1 if s.loaded else 0)
-            phase.add_metric([s.name, str(s.phase)], 1)
+            for each in Phase:
+                phase.add_metric([s.name, str(each)], 1 if s.phase == each else 0)
             restarts.add_metric([s.name], s.restarts)
         yield queued
         yield in_flight

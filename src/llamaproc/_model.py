@@ -17,10 +17,11 @@ from typing import Any
 import anyio
 
 from ._backend import Backend, find_backend, read_gguf_info
-from ._client import DEFAULT_TIMEOUT, LlamaClient, TokenStream
+from ._client import DEFAULT_TIMEOUT, LlamaClient, TokenStream, _prompt
 from ._exceptions import (
     ClosedError,
     IncompleteStreamError,
+    InvalidArgumentError,
     LlamaprocError,
     ModelFileError,
     ServerCrashedError,
@@ -135,6 +136,8 @@ class TextModel:
         self._check()
         try:
             return await method(*args, **kwargs)
+        except InvalidArgumentError:
+            raise  # the call's own mistake, not a failure of the model
         except LlamaprocError as exc:
             error = await self._explain(exc)
             if error is exc:
@@ -142,7 +145,6 @@ class TextModel:
             raise error from exc
 
     def _stream(self, stream: TokenStream) -> TokenStream:
-        self._check()
         stream.error_hook = self._explain
         stream.done_hook = self._finished
         return stream
@@ -159,22 +161,23 @@ class TextModel:
         *,
         max_tokens: int = 256,
         temperature: float = 0.0,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         **params: Any,
     ) -> TokenStream:
         """Stream the continuation of ``prompt`` (native ``/completion``), greedy by default.
 
-        Returns an async iterator of :class:`Token` (``.text``, ``.id``); use
-        ``async with model.generate(...) as stream:`` so that ``break`` frees
-        the slot at once. ``stream.result`` has usage and timings at the end.
-        Other llama-server sampling options (``top_k``, ``seed``, ``grammar``
-        ...) pass through as keywords.
+        ``prompt`` is a string or a sequence of token ids; ``max_tokens=-1``
+        generates until the model stops or the context is full. Returns an
+        async iterator of :class:`Token` (``.text``, ``.id``); use ``async
+        with model.generate(...) as stream:`` so that ``break`` frees the slot
+        at once. ``stream.result`` has usage and timings at the end. Other
+        llama-server sampling options (``top_k``, ``seed``, ``grammar`` ...)
+        pass through as keywords. Bad arguments raise
+        :class:`InvalidArgumentError` here, before anything is sent.
         """
-        if stop is not None:
-            params["stop"] = list(stop)
-        return self._stream(
-            self._client.stream_completion(prompt, n_predict=max_tokens, temperature=temperature, **params)
-        )
+        params = _generation_params(max_tokens, temperature, stop, params)
+        self._check()
+        return self._stream(self._client.stream_completion(prompt, n_predict=max_tokens, **params))
 
     def chat(
         self,
@@ -182,27 +185,46 @@ class TextModel:
         *,
         max_tokens: int = 256,
         temperature: float = 0.0,
+        stop: str | Sequence[str] | None = None,
         **params: Any,
     ) -> TokenStream:
-        """Stream a chat reply (``/v1/chat/completions``, the model's chat template), greedy by default."""
-        return self._stream(
-            self._client.stream_chat(messages, max_tokens=max_tokens, temperature=temperature, **params)
-        )
+        """Stream a chat reply (``/v1/chat/completions``, the model's chat template), greedy by default.
+
+        ``messages`` is a sequence of mappings (``{"role": ..., "content": ...}``).
+        """
+        params = _generation_params(max_tokens, temperature, stop, params)
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not all(
+            isinstance(m, Mapping) for m in messages
+        ):
+            raise InvalidArgumentError(
+                f"messages must be a sequence of mappings such as {{'role': 'user', 'content': 'hi'}}, "
+                f"not {messages!r:.80}"
+            )
+        self._check()
+        return self._stream(self._client.stream_chat(messages, max_tokens=max_tokens, **params))
 
     async def complete(
-        self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0, **params: Any
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        stop: str | Sequence[str] | None = None,
+        **params: Any,
     ) -> Completion:
         """Like :meth:`generate`, but waits for the whole text."""
-        result: Completion = await self._call(
-            self._client.completion, prompt, n_predict=max_tokens, temperature=temperature, **params
-        )
+        params = _generation_params(max_tokens, temperature, stop, params)
+        prompt = _prompt(prompt)
+        result: Completion = await self._call(self._client.completion, prompt, n_predict=max_tokens, **params)
         self._finished(result)
         return result
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One embedding vector per text (the model must be loaded with ``embeddings=True``)."""
         if isinstance(texts, str):
-            raise TypeError("embed() takes a list of strings; wrap a single text in a list")
+            raise InvalidArgumentError("embed() takes a list of strings; wrap a single text in a list")
+        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+            raise InvalidArgumentError(f"embed() takes a sequence of strings, not {texts!r:.80}")
         result: list[list[float]] = await self._call(self._client.embeddings, texts)
         return result
 
@@ -220,7 +242,7 @@ class TextModel:
         """The GGUF metadata of the model file and the server's ``/props``."""
         props: dict[str, Any] = await self._call(self._client.props)
         if self._gguf is None:
-            self._gguf = await anyio.to_thread.run_sync(read_gguf_info, self.path)
+            self._gguf = await anyio.to_thread.run_sync(read_gguf_info, self.path, abandon_on_cancel=True)
         return ModelInfo(
             gguf=self._gguf,
             props=props,
@@ -282,13 +304,25 @@ async def load_model(
     environment variables. ``devices`` sets ``HIP_VISIBLE_DEVICES`` (``None``
     leaves it alone). ``log_output`` forwards the server's output to the
     ``llamaproc.server`` logger (or the logger given). ``request_timeout`` is
-    the read timeout of each request, default 600 s.
+    the read timeout of each request, default 600 s. An argument of the wrong
+    type or value raises :class:`InvalidArgumentError` before anything starts.
     """
+    _check_int("parallel", parallel, minimum=1)
+    _check_int("ctx_size", ctx_size, minimum=0, optional=True)
+    _check_int("gpu_layers", gpu_layers, optional=True)
+    _check_int("threads", threads, optional=True)
+    if pooling is not None and not isinstance(pooling, str):
+        raise InvalidArgumentError(f"pooling must be a string such as 'mean' or None, not {pooling!r}")
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence) or not all(isinstance(a, str) for a in args):
+        raise InvalidArgumentError(f"args must be a sequence of strings such as ['--threads', '4'], not {args!r:.60}")
+    if env is not None and (
+        not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise InvalidArgumentError(f"env must be a mapping of strings to strings, not {env!r:.80}")
     model_path = Path(path).expanduser()
     if not model_path.is_file():
-        raise ModelFileError(f"model file not found: {model_path}")
-    if parallel < 1:
-        raise ValueError("parallel must be at least 1")
+        what = "is not a file" if model_path.exists() else "not found"
+        raise ModelFileError(f"model file {what}: {model_path}")
     backend = find_backend(binary)
     argv: list[str] = ["--model", str(model_path), "--parallel", str(parallel), "--metrics", "--slots"]
     if ctx_size is not None:
@@ -300,7 +334,7 @@ async def load_model(
     if embeddings:
         argv.append("--embeddings")
         if pooling is None:
-            pooling = await anyio.to_thread.run_sync(_pooling_for, model_path)
+            pooling = await anyio.to_thread.run_sync(_pooling_for, model_path, abandon_on_cancel=True)
     if pooling is not None:
         argv += ["--pooling", pooling]
     argv += list(args)
@@ -335,3 +369,32 @@ def _pooling_for(path: Path) -> str | None:
     except ModelFileError:
         return None  # let llama-server report what is wrong with the file
     return "mean" if info.pooling_type in (None, "none", "unspecified") else None
+
+
+# -- argument checks -------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: object, *, minimum: int | None = None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be an int{' or None' if optional else ''}, not {value!r:.80}")
+    if minimum is not None and value < minimum:
+        raise InvalidArgumentError(f"{name} must be at least {minimum}, not {value}")
+
+
+def _generation_params(
+    max_tokens: object, temperature: object, stop: object, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Check the common generation options; ``stop`` becomes a list (a lone string is one stop string)."""
+    _check_int("max_tokens", max_tokens, minimum=-1)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise InvalidArgumentError(f"temperature must be a number, not {temperature!r:.80}")
+    params["temperature"] = temperature
+    if isinstance(stop, str):
+        params["stop"] = [stop]
+    elif isinstance(stop, Sequence) and not isinstance(stop, bytes) and all(isinstance(x, str) for x in stop):
+        params["stop"] = list(stop)
+    elif stop is not None:
+        raise InvalidArgumentError(f"stop must be a string or a sequence of strings, not {stop!r:.80}")
+    return params

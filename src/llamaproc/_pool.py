@@ -24,13 +24,22 @@ Each ``acquire`` goes through three steps:
    every loaded model is busy the request waits until one goes idle (a model
    that goes idle while a request waits for room is reserved for it at once,
    so that new requests cannot keep it busy for ever). Requests for a model
-   that is loading wait for it.
+   that is loading wait for it; a model whose load just failed refuses them
+   at once until its next attempt.
 3. **Use.** The request keeps its slot until the ``async with`` block ends.
+
+One load at a time makes room (the "room holder"); other requests for models
+that are not loaded wait for it to finish, *or* for their own model to be
+started, whichever comes first. A request never waits for the room holder
+while its model is loaded or loading, so the requests that keep a loaded
+model busy always make progress and no wait can be circular.
 
 A background task unloads models idle for ``idle_timeout``; the
 supervisors restart crashed models. :meth:`ModelPool.drain` stops admission
-and waits for what was admitted; leaving the ``async with`` stops every
-child.
+and waits for what was admitted; :meth:`ModelPool.close` (also run when the
+``async with`` is left) stops every child, and requests still waiting or
+running end with :class:`~llamaproc.ShuttingDownError` or the error of their
+stopped model.
 """
 
 from __future__ import annotations
@@ -215,7 +224,8 @@ class ModelPool:
         self._closed = False
         self._entered = False
         self._changed: anyio.Event | None = None
-        self._room_lock: anyio.Lock | None = None
+        #: The entry whose load is making room now (at most one at a time).
+        self._room_holder: _Entry | None = None
         self._room_wanted = False
         self._reserved: list[_Entry] = []
         self._stack: contextlib.AsyncExitStack | None = None
@@ -227,7 +237,6 @@ class ModelPool:
         if self._entered:
             raise UsageError("a ModelPool can be entered only once")
         self._entered = True
-        self._room_lock = anyio.Lock()
         for entry in self._entries.values():
             entry.memory = await anyio.to_thread.run_sync(estimate_memory, entry.config)
         async with contextlib.AsyncExitStack() as stack:
@@ -248,6 +257,19 @@ class ModelPool:
         stack, self._stack = self._stack, None
         if stack is None:
             return None
+        await self.close()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def close(self) -> None:
+        """Refuse every request from now on and stop every model (shielded); idempotent.
+
+        Requests waiting for a slot, for room or for a load get
+        :class:`ShuttingDownError`; requests using a model see it stop (their
+        streams fail). Use it after :meth:`drain` timed out; leaving the
+        ``async with`` calls it too.
+        """
         self._closed = True
         self._draining = True
         self._wake_all()
@@ -255,13 +277,16 @@ class ModelPool:
             async with anyio.create_task_group() as tg:
                 for entry in self._entries.values():
                     tg.start_soon(entry.supervisor.stop)
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-        return await stack.__aexit__(exc_type, exc, tb)
+        self._notify()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has begun: every model is stopped or stopping."""
+        return self._closed
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ShuttingDownError("the model pool is closed")
+            raise ShuttingDownError("the model pool is closed: it is shutting down")
         if self._stack is None:
             raise UsageError("use the ModelPool in `async with` first")
 
@@ -298,7 +323,7 @@ class ModelPool:
             if predicate():
                 return
             if self._closed:
-                raise ShuttingDownError("the model pool is closed")
+                raise ShuttingDownError("the model pool is closed: it is shutting down")
             await changed.wait()
 
     # -- introspection --------------------------------------------------------------------------
@@ -406,7 +431,7 @@ class ModelPool:
         try:
             await waiter.event.wait()
             if not waiter.granted:
-                raise ShuttingDownError("the model pool is closed")
+                raise ShuttingDownError("the model pool is closed: it is shutting down")
             # Cancelled while the slot was on its way (a client that went away): pass it on.
             await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
@@ -440,28 +465,40 @@ class ModelPool:
         self._notify()
 
     async def _ready(self, entry: _Entry) -> TextModel:
-        """Return the model of ``entry``, loading it (after making room) when needed."""
+        """Return the model of ``entry``, loading it (after making room) when needed.
+
+        Waits only for things that end on their own: a load in progress, an
+        unload in progress, or another load making room, which in turn waits
+        only for requests that use (or wait for) models that are loaded.
+        """
         sup = entry.supervisor
         while True:
             self._check_open()
             if sup.phase is Phase.FAILED:
                 raise sup.failure()
-            if sup.active and not entry.evicting:
+            if entry.evicting:
+                await self._wait_for(lambda: not entry.evicting)
+                continue
+            if sup.active:
                 try:
                     return await sup.ready()
                 except _Unloaded:
                     continue  # unloaded under us: load it again
-            if entry.evicting:
-                await self._wait_for(lambda: not entry.evicting)
+            if self._room_holder is not None:
+                # Another load makes room. Wait for it to end, or for this model to be
+                # started meanwhile (by that load, or a restart): never for longer.
+                await self._wait_for(lambda: self._room_holder is None or sup.active or entry.evicting or _failed(sup))
                 continue
-            assert self._room_lock is not None
-            async with self._room_lock:
-                self._check_open()
-                if sup.active or entry.evicting or _failed(sup):
-                    continue  # changed while we waited for the lock
+            self._room_holder = entry
+            try:
                 await self._make_room(entry)
+                self._check_open()
+                if entry.evicting or sup.active or _failed(sup):
+                    continue  # unloaded, started or failed while room was made: look again
                 entry.touch()
                 sup.start()
+            finally:
+                self._room_holder = None
                 self._notify()
 
     # -- room ---------------------------------------------------------------------------------------
@@ -481,7 +518,7 @@ class ModelPool:
             while True:
                 changed = self._event()
                 if self._closed:
-                    raise ShuttingDownError("the model pool is closed")
+                    raise ShuttingDownError("the model pool is closed: it is shutting down")
                 if self._fits(entry):
                     return
                 if self._reserved:
@@ -520,10 +557,13 @@ class ModelPool:
         """Load model ``name`` now (making room like a request would) and wait until it serves.
 
         A Failed model is reset and tried again. Raises
-        :class:`ModelUnavailableError` when the load fails.
+        :class:`ModelUnavailableError` when the load fails and
+        :class:`ShuttingDownError` once :meth:`drain` or :meth:`close` began.
         """
         entry = self._entry(name)
         self._check_open()
+        if self._draining:
+            raise ShuttingDownError("the model pool is shutting down and loads no models")
         self._check_budget(entry)
         entry.pins += 1
         try:

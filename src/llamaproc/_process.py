@@ -5,15 +5,20 @@ This module knows processes and, to see that the child is ready, the
 
 * The child listens on a port the kernel picks (``--port 0``); the port is
   read from its log line ``listening on http://HOST:PORT`` or, failing that,
-  from its listening socket (psutil). No pick-then-pass race.
+  from its listening socket (psutil). No pick-then-pass race. The address is
+  the log line's too, else the ``--host`` in ``args``, else ``host``.
 * Its output (stdout and stderr, merged) is drained by a thread into a
   bounded head + tail buffer and optionally forwarded to :mod:`logging`. The
   thread ends when the pipe closes, i.e. when the child is gone.
 * Start-up fails as soon as the child exits, with its exit code and the lines
-  of output that matter; the start-up timeout counts from the last line the
-  child printed, so a big model that is still loading is not killed.
-* :meth:`ServerProcess.stop` sends SIGTERM to the child's process group,
-  waits ``grace`` seconds, then SIGKILL, all shielded from cancellation.
+  of output that matter. The start-up timeout counts from the child's last
+  progress: a new line of output, or growth of its CPU time or of the bytes
+  it read (a big model loads silently). Answering ``/health`` with 503 is not
+  progress: a server stuck "loading" times out.
+* :meth:`ServerProcess.stop` sends SIGTERM to the child's process group, and
+  a second SIGTERM after 0.2 s (llama-server finishes in-flight work for up to
+  30 s after the first, and exits at once on the second), then SIGKILL after
+  ``grace`` seconds, all shielded from cancellation.
 * On Linux the child gets ``PR_SET_PDEATHSIG(SIGKILL)``: if this Python
   process dies, even by SIGKILL, the kernel kills the child too.
 """
@@ -58,6 +63,13 @@ _RELEVANT = re.compile(
 )
 _LEVELS = {b"E": logging.ERROR, b"W": logging.WARNING, b"I": logging.INFO, b"D": logging.DEBUG}
 _MAX_LINE = 4096
+#: How often the child's CPU time and reads are checked for progress during start-up.
+_USAGE_INTERVAL = 0.5
+#: CPU time growth that counts as progress, as a fraction of the time between two checks: a server
+#: answering our /health polls uses far less, a loading model far more.
+_CPU_PROGRESS = 0.1
+#: After the first SIGTERM, wait this long (at most) before the second.
+_SECOND_TERM = 0.2
 
 
 class OutputBuffer:
@@ -165,10 +177,15 @@ class ServerProcess:
         self.port: int | None = None
         self._logger = logger
         self._last_progress = time.monotonic()
-        self._stopping = False
+        self._group_killed = False
         self._stopped = False
+        self._stop_lock = anyio.Lock()
         # The output thread wakes the start-up wait through this pipe (port seen, output ended).
+        # Both ends are closed when start-up ends, the write end earlier if the thread ends first;
+        # the lock keeps the thread from writing to a closed (and maybe reused) descriptor.
         self._wake_r, self._wake_w = os.pipe()
+        self._wake_lock = threading.Lock()
+        self._wake_eof = False
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         stdout = popen.stdout
@@ -198,14 +215,20 @@ class ServerProcess:
 
         ``env`` is added to this process's environment. ``HIP_VISIBLE_DEVICES``
         is set to ``devices`` (default ``"0"``) unless ``env`` sets it;
-        ``devices=None`` leaves it alone. ``startup_timeout`` counts from the
-        child's last line of output. On any failure the child is stopped before
-        the error reaches the caller, cancellation included.
+        ``devices=None`` leaves it alone. ``host`` is the address to listen on,
+        unless ``args`` has its own ``--host``. ``startup_timeout`` counts from
+        the child's last progress (a line of output, CPU time, reads). On any
+        failure the child is stopped before the error reaches the caller,
+        cancellation included.
         """
         argv = [os.fspath(binary), *args]
         if "--port" not in args:
             argv += ["--port", "0"]
-        if "--host" not in args:
+        if "--host" in args:
+            i = list(args).index("--host")
+            if i + 1 < len(args):
+                host = _connect_host(args[i + 1])
+        else:
             argv += ["--host", host]
         child_env = dict(os.environ)
         if devices is not None:
@@ -232,6 +255,10 @@ class ServerProcess:
         except BaseException:
             await proc.stop()
             raise
+        finally:
+            proc._close_wake_writer()
+            os.close(proc._wake_r)
+            proc._wake_r = -1
         return proc
 
     # -- state ----------------------------------------------------------------------------------
@@ -239,7 +266,21 @@ class ServerProcess:
     @property
     def returncode(self) -> int | None:
         """The exit status once the child has exited (negative: killed by that signal)."""
-        return self._popen.poll()
+        return self._poll()
+
+    def _poll(self) -> int | None:
+        """The exit status; the first call that sees the exit also kills what is left of the group.
+
+        A process the child spawned (and that ignored SIGTERM, or was never
+        sent one because the child crashed) dies with it. The group id cannot
+        be reused while a member lives, and this is sent right after the exit
+        is seen, never again later, when the id could name someone else's group.
+        """
+        code = self._popen.poll()
+        if code is not None and not self._group_killed:
+            self._group_killed = True
+            self._signal(signal.SIGKILL)
+        return code
 
     @property
     def running(self) -> bool:
@@ -260,13 +301,18 @@ class ServerProcess:
 
     def _drain(self, stdout: IO[bytes]) -> None:
         logger = self._logger
+        listening = False
         try:
             for raw in stdout:
                 self._last_progress = time.monotonic()
                 self.output.append(raw)
-                if self.port is None:
+                if not listening:
                     m = _LISTENING.search(raw)
                     if m:
+                        # The log's address wins over the one found by the socket probe: llama-server
+                        # prints it once the model is loaded, when it is ready to serve.
+                        listening = True
+                        self.host = _connect_host(m.group(1).decode("ascii", "replace"))
                         self.port = int(m.group(2))
                         self._wake()
                 if logger is not None:
@@ -283,20 +329,34 @@ class ServerProcess:
             except OSError:
                 pass
             self._wake()
+            self._close_wake_writer()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:  # full (a wake-up is pending anyway) or closed
-            pass
+        with self._wake_lock:
+            if self._wake_w < 0:  # start-up is over
+                return
+            try:
+                os.write(self._wake_w, b"!")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
+
+    def _close_wake_writer(self) -> None:
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                os.close(self._wake_w)
+                self._wake_w = -1
 
     async def _sleep(self, delay: float) -> None:
         """Sleep up to ``delay`` seconds, or until the output thread has news."""
+        if self._wake_eof:  # the output thread has ended: nothing more will come
+            await anyio.sleep(delay)
+            return
         with anyio.move_on_after(delay):
             await anyio.wait_readable(self._wake_r)
         try:
-            os.read(self._wake_r, 64)
-        except OSError:
+            if os.read(self._wake_r, 64) == b"":
+                self._wake_eof = True
+        except BlockingIOError:
             pass
 
     def _listening_port(self) -> int | None:
@@ -321,10 +381,34 @@ class ServerProcess:
             reason += f": {first.strip()}"
         return cls(reason, returncode=code, output=summary, pid=self.pid)
 
+    def _usage(self, ps: psutil.Process) -> tuple[float, int]:
+        """The child's CPU seconds and bytes read so far (zeros when they cannot be read)."""
+        try:
+            with ps.oneshot():
+                cpu = ps.cpu_times()
+                try:
+                    io = ps.io_counters()
+                    read = int(io.read_bytes) + int(getattr(io, "read_chars", 0))
+                except (psutil.AccessDenied, AttributeError, NotImplementedError):
+                    read = 0
+            return float(cpu.user + cpu.system), read
+        except (psutil.Error, OSError):
+            return 0.0, 0
+
     async def _wait_ready(self, timeout: float) -> None:
         delay = 0.001
-        next_socket_probe = time.monotonic() + 0.2
+        now = time.monotonic()
+        next_socket_probe = now + 0.2
+        usage_interval = min(_USAGE_INTERVAL, max(timeout / 4, 0.05))
+        next_usage_check = now + usage_interval
+        last_usage_check = now
+        try:
+            ps: psutil.Process | None = psutil.Process(self.pid)
+        except psutil.Error:
+            ps = None
+        usage = self._usage(ps) if ps is not None else (0.0, 0)
         client: LlamaClient | None = None
+        loading = False
         try:
             while True:
                 if self.returncode is not None:
@@ -332,16 +416,28 @@ class ServerProcess:
                     await anyio.to_thread.run_sync(self._reader.join, 1.0, abandon_on_cancel=True)
                     raise self._exited_error()
                 now = time.monotonic()
+                if ps is not None and now >= next_usage_check:
+                    # Loading a big model prints little for a long time but keeps the CPU or the disk busy.
+                    cpu, read = self._usage(ps)
+                    if cpu - usage[0] > _CPU_PROGRESS * (now - last_usage_check) or read > usage[1]:
+                        self._last_progress = now
+                    usage = (cpu, read)
+                    last_usage_check = now
+                    next_usage_check = now + usage_interval
                 if self.port is None and now >= next_socket_probe:
                     self.port = self._listening_port()
                     next_socket_probe = now + 0.2
                 if self.port is not None:
+                    if client is not None and client.base_url != self.base_url:
+                        await client.aclose()  # the log named another address than the socket probe saw
+                        client = None
                     if client is None:
                         client = LlamaClient(self.base_url, timeout=5.0, max_connections=1)
                     try:
+                        # A 503 ("loading") is not progress by itself: the CPU and read checks tell.
                         if (await client.health()).status == "ok":
                             return
-                        self._last_progress = time.monotonic()  # answering 503: alive and loading
+                        loading = True
                     except (TransportError, ServerLoadingError):
                         pass
                     except LlamaprocError as exc:
@@ -358,7 +454,8 @@ class ServerProcess:
                 # Woken at once when the port shows up or the output ends; otherwise poll
                 # (/health while the server answers 503, the socket table, the exit status).
                 await self._sleep(delay)
-                delay = min(delay * 2, 0.02 if self.port is not None else 0.05)
+                # While the model loads (503), poll gently: the "listening on" line wakes us when it is ready.
+                delay = min(delay * 2, 0.1 if loading else 0.02 if self.port is not None else 0.05)
         finally:
             if client is not None:
                 await client.aclose()
@@ -379,7 +476,7 @@ class ServerProcess:
     async def _wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         delay = 0.001
-        while self._popen.poll() is None:
+        while self._poll() is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -388,29 +485,46 @@ class ServerProcess:
         return True
 
     async def stop(self, *, grace: float | None = None) -> int | None:
-        """SIGTERM the child's process group, wait ``grace`` seconds, then SIGKILL.
+        """Stop the child: SIGTERM to its process group, again after 0.2 s, SIGKILL after ``grace`` s.
 
-        Shielded from cancellation; idempotent; returns the exit status.
+        llama-server keeps going for up to 30 s after a SIGTERM while it has
+        work in flight (it only notices closed connections about once a
+        second), and exits at once on a second one. Shielded from
+        cancellation; idempotent (a repeated call returns at once); returns the
+        exit status.
         """
+        if self._stopped:
+            return self._popen.returncode
         grace = self.grace if grace is None else grace
         with anyio.CancelScope(shield=True):
-            if self._popen.poll() is None:
-                self._stopping = True
-                self._signal(signal.SIGTERM)
-                if not await self._wait_exit(grace):
-                    _log.warning("llama-server pid %d ignored SIGTERM for %.1f s; sending SIGKILL", self.pid, grace)
-                    self._signal(signal.SIGKILL)
-                    if not await self._wait_exit(10.0):
-                        raise ProcessError(f"llama-server pid {self.pid} survived SIGKILL")
-            # The child is gone (stopped or crashed): kill anything left in its group, such as a
-            # process it spawned that ignores SIGTERM. The group id cannot be reused while any
-            # member lives, so this reaches only the child's own descendants.
-            self._signal(signal.SIGKILL)
-            self._stopped = True
-            # The pipe closes with the child; a grandchild holding it open must not hang us.
-            await anyio.to_thread.run_sync(self._reader.join, 2.0, abandon_on_cancel=True)
-            if not self._reader.is_alive() and self._wake_w >= 0:
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                self._wake_r = self._wake_w = -1
+            async with self._stop_lock:
+                if self._stopped:
+                    return self._popen.returncode
+                if self._poll() is None:
+                    self._signal(signal.SIGTERM)
+                    first = min(grace, _SECOND_TERM)
+                    if not await self._wait_exit(first):
+                        self._signal(signal.SIGTERM)
+                        if not await self._wait_exit(grace - first):
+                            _log.warning(
+                                "llama-server pid %d ignored SIGTERM for %.1f s; sending SIGKILL", self.pid, grace
+                            )
+                            self._signal(signal.SIGKILL)
+                            if not await self._wait_exit(10.0):
+                                raise ProcessError(f"llama-server pid {self.pid} survived SIGKILL")
+                # _poll() has killed the rest of the group when it saw the exit.
+                self._stopped = True
+                # The pipe closes with the child; a grandchild holding it open must not hang us.
+                await anyio.to_thread.run_sync(self._reader.join, 2.0, abandon_on_cancel=True)
         return self._popen.returncode
+
+
+def _connect_host(host: str) -> str:
+    """The address to connect to for a listening address as written in a URL or an argument.
+
+    ``[::1]`` -> ``::1``; a server listening on every address (``0.0.0.0``,
+    ``::``) is reached on the loopback address.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)

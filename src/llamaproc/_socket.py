@@ -48,6 +48,11 @@ are done. A client that stops reading blocks its own requests (backpressure
 down to llama-server) for at most ``write_timeout`` seconds per event; then
 the connection is dropped and its requests are cancelled, so a stalled
 reader can hold a slot only that long and can never block the daemon.
+
+Shutting down: a request cut off because the daemon stopped its models after
+the drain timeout ends with ``{"event": "error", "code": "shutting_down"}``.
+The daemon waits (briefly) for those last events with
+:meth:`ActiveRequests.wait_idle` before it closes the connections.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ import anyio.abc
 
 from ._exceptions import (
     ClosedError,
+    InvalidArgumentError,
     LlamaprocError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -82,7 +88,7 @@ from ._exceptions import (
 )
 from ._model import TextModel
 
-__all__ = ["MAX_IN_FLIGHT", "MAX_LINE", "WRITE_TIMEOUT", "serve_socket"]
+__all__ = ["MAX_IN_FLIGHT", "MAX_LINE", "WRITE_TIMEOUT", "ActiveRequests", "serve_socket"]
 
 _log = logging.getLogger("llamaproc.serve")
 
@@ -120,6 +126,30 @@ class _Metrics(Protocol):
     def first_token(self, model: str, seconds: float) -> None: ...
 
 
+class ActiveRequests:
+    """The socket requests being handled, across connections, until their last event is written."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: anyio.Event | None = None
+
+    def _started(self) -> None:
+        self.count += 1
+
+    def _finished(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def wait_idle(self) -> None:
+        """Return once no request is being handled."""
+        while self.count:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
+
 # --- the server ------------------------------------------------------------------------------------
 
 
@@ -131,6 +161,7 @@ async def serve_socket(
     max_line: int = MAX_LINE,
     write_timeout: float = WRITE_TIMEOUT,
     max_in_flight: int = MAX_IN_FLIGHT,
+    active: ActiveRequests | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the socket protocol on the Unix socket ``path`` until cancelled.
@@ -140,12 +171,13 @@ async def serve_socket(
     socket is made mode 0600 before it listens. ``task_status.started()`` is
     called once it accepts connections. On cancellation every connection is
     closed (its requests cancelled) and the socket file is removed.
+    ``active`` counts the requests in progress.
     """
     path = Path(path)
     await anyio.to_thread.run_sync(_clear_stale, path)
     listener = _listen(path)
     ident = _identity(path)
-    options = _Options(pool, metrics, max_line, write_timeout, max_in_flight)
+    options = _Options(pool, metrics, max_line, write_timeout, max_in_flight, active or ActiveRequests())
     try:
         async with anyio.create_task_group() as tg:
             _log.debug("socket protocol on %s", path)
@@ -220,6 +252,7 @@ class _Options:
     max_line: int
     write_timeout: float
     max_in_flight: int
+    active: ActiveRequests
 
 
 async def _serve_connection(sock: socket.socket, options: _Options) -> None:
@@ -388,6 +421,7 @@ class _Connection:
             return
         self.requests[rid] = request
         self.tasks += 1
+        self.options.active._started()
         assert self.tg is not None
         self.tg.start_soon(self._run, request)
 
@@ -420,7 +454,17 @@ class _Connection:
                     else:
                         final = await self._generate(request)
             except Exception as exc:  # noqa: BLE001 - every failure becomes an error event
-                final = _error_event(request.id, exc)
+                if getattr(self.pool, "closed", False) is True:
+                    final = {
+                        "id": request.id,
+                        "event": "error",
+                        "code": "shutting_down",
+                        "message": "the daemon is shutting down and stopped the request after its drain timeout"
+                        if not isinstance(exc, ShuttingDownError)
+                        else _message(exc),
+                    }
+                else:
+                    final = _error_event(request.id, exc)
             finally:
                 # Also reached when the connection is cancelled: the id is free again
                 # and the in-progress gauge must come down.
@@ -434,6 +478,7 @@ class _Connection:
             await self._send(final)
         finally:
             self.tasks -= 1
+            self.options.active._finished()
 
     async def _generate(self, request: _Request) -> dict[str, Any]:
         rid = request.id
@@ -632,6 +677,8 @@ def _code(exc: BaseException) -> str:
         return "model_not_found"
     if isinstance(exc, QueueFullError):
         return "queue_full"
+    if isinstance(exc, InvalidArgumentError):
+        return "bad_request"
     if isinstance(exc, ShuttingDownError):
         return "shutting_down"
     if isinstance(exc, (ModelUnavailableError, ServerLoadingError, PoolError)):

@@ -173,6 +173,8 @@ class Supervisor:
         self._load_failures = 0
         self._last_error: str | None = None
         self._retry_at: float | None = None
+        #: True while backing off after a failed load (not after a crash).
+        self._load_backoff = False
         self._running = False
         self._closed = False
         self._cycle_scope: anyio.CancelScope | None = None
@@ -294,19 +296,27 @@ class Supervisor:
         """Unload: stop the child (SIGTERM → grace → SIGKILL) and go back to Pending.
 
         Also clears Failed. Shielded from cancellation: when it returns the
-        child is gone. Idempotent.
+        child is gone. Idempotent. While the child stops the phase is already
+        Pending, with the ``Ready`` condition's reason ``Unloading``.
         """
         with anyio.CancelScope(shield=True):
             self._want = False
+            was = self._phase
+            if was is Phase.FAILED:
+                self._restart_times.clear()
+            if was is not Phase.PENDING or self._model is not None:
+                # Not Serving any more from this moment: nothing new may be sent to the child.
+                self._phase = Phase.PENDING
+                self._load_backoff = False
+                self._condition("Ready", "False", "Unloading", "unloading")
+                self._notify()
             scope = self._cycle_scope
             if scope is not None:
                 scope.cancel()
                 while self._cycle_scope is scope:
                     await self._event().wait()
             await self._close_model()
-            if self._phase is Phase.FAILED:
-                self._restart_times.clear()
-            if self._phase is not Phase.PENDING:
+            if was is not Phase.PENDING or self._phase is not Phase.PENDING:
                 self._phase = Phase.PENDING
                 self._condition("Loaded", "False", "Unloaded", "unloaded")
                 self._condition("Ready", "False", "Unloaded", "unloaded")
@@ -318,9 +328,11 @@ class Supervisor:
         """Wait until the model serves and return it.
 
         Raises :class:`ModelUnavailableError` when the model is Failed, when a
-        load attempt made while waiting failed (the supervisor keeps retrying
-        in the background) or when it is stopped or not started; and
-        :class:`ShuttingDownError` once the supervisor is closed.
+        load attempt made while waiting failed, or at once while it backs off
+        after a failed load (the supervisor keeps retrying in the background),
+        and when it is stopped or not started; :class:`ShuttingDownError` once
+        the supervisor is closed. During the backoff after a *crash* it waits
+        for the restart.
         """
         failures = self._load_failures
         while True:
@@ -335,7 +347,7 @@ class Supervisor:
                 raise ModelUnavailableError(self._failed_message())
             if not self._want:
                 raise _Unloaded(f"model {self.name!r} is not loaded")
-            if self._load_failures > failures:
+            if self._load_failures > failures or self._load_backoff:
                 retry = ""
                 if self._retry_at is not None:
                     retry = f"; retrying in {max(0.0, self._retry_at - time.monotonic()):.1f} s"
@@ -410,7 +422,11 @@ class Supervisor:
             _log.warning("model %s: load failed: %s", self.name, message)
             self._condition("Loaded", "False", "LoadFailed", message)
             self._condition("Ready", "False", "LoadFailed", message)
-            await self._after_failure("load_failed", message)
+            self._load_backoff = True
+            try:
+                await self._after_failure("load_failed", message)
+            finally:
+                self._load_backoff = False
             return
         self._model = model
         self._loads += 1

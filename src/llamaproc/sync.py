@@ -26,9 +26,10 @@ from typing import Any
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ._client import TokenStream
+from ._exceptions import LlamaprocError
 from ._model import TextModel
 from ._model import load_model as _async_load_model
-from ._types import Completion, ModelInfo, Token
+from ._types import Completion, ModelInfo, RequestMetrics, Token
 
 __all__ = ["SyncTextModel", "load_model"]
 
@@ -55,6 +56,21 @@ class SyncTextModel:
     @property
     def base_url(self) -> str:
         return self._model.base_url
+
+    @property
+    def returncode(self) -> int | None:
+        """The child's exit status once it has exited, else ``None``."""
+        return self._model.returncode
+
+    @property
+    def last_metrics(self) -> RequestMetrics | None:
+        """Metrics of the last request that finished."""
+        return self._model.last_metrics
+
+    @property
+    def last_error(self) -> LlamaprocError | None:
+        """The last error a call on this model raised."""
+        return self._model.last_error
 
     def __enter__(self) -> SyncTextModel:
         return self
@@ -91,6 +107,10 @@ class SyncTextModel:
 
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         result: list[int] = self._portal.call(partial(self._model.tokenize, text, add_special=add_special))
+        return result
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        result: str = self._portal.call(self._model.detokenize, tokens)
         return result
 
     def info(self) -> ModelInfo:

@@ -94,18 +94,24 @@ def start_daemon(
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     timeout: float = 60.0,
+    cwd: Path | None = None,
 ) -> Daemon:
     """Start ``python -m llamaproc serve`` and return once ``STATE_DIR/serve.json`` names it.
 
-    Raises ``RuntimeError`` with the daemon's stderr if it exits or does not get
-    ready within ``timeout``.
+    ``state_dir`` (and ``socket``) may be relative to ``cwd``, the daemon's
+    working directory. Raises ``RuntimeError`` with the daemon's stderr if it
+    exits or does not get ready within ``timeout``.
     """
+    if cwd is not None and not state_dir.is_absolute():
+        state_dir = cwd / state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     info_path = state_dir / "serve.json"
     stderr_path = state_dir / f"serve-{time.monotonic_ns()}.stderr"
+    given_dir = state_dir if cwd is None else Path(os.path.relpath(state_dir, cwd))
     with open(stderr_path, "wb") as err:
         process = subprocess.Popen(
-            [*_command(config, state_dir, port, socket), *extra_args],
+            [*_command(config, given_dir, port, socket), *extra_args],
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,

@@ -57,7 +57,7 @@ def test_environment_variable_comes_before_path(
 
 
 def test_no_binary_anywhere_says_where_it_looked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("LLAMAPROC_SERVER", str(tmp_path / "missing-server"))
+    monkeypatch.delenv("LLAMAPROC_SERVER", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     real_find_spec = importlib.util.find_spec
 
@@ -72,13 +72,46 @@ def test_no_binary_anywhere_says_where_it_looked(monkeypatch: pytest.MonkeyPatch
         llamaproc.find_backend()
 
     searched = info.value.searched
-    assert any("LLAMAPROC_SERVER" in s and "missing-server" in s for s in searched), searched
+    assert any("LLAMAPROC_SERVER" in s and "not set" in s for s in searched), searched
     assert any("PATH" in s for s in searched), searched
     for package in _backend._BUNDLES:
         assert any(package in s for s in searched), searched
     message = str(info.value)
     assert "llamaproc[server]" in message
     assert all(f"looked in: {s}" in message for s in searched)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-executable", "directory"])
+def test_environment_variable_naming_no_binary_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, backend: llamaproc.Backend, kind: str
+) -> None:
+    """An explicit LLAMAPROC_SERVER that is wrong raises, even with a usable llama-server on PATH."""
+    on_path = tmp_path / "bin"
+    on_path.mkdir()
+    (on_path / "llama-server").symlink_to(backend.binary)
+    monkeypatch.setenv("PATH", str(on_path))
+    target = tmp_path / "llama-server-copy"
+    if kind == "not-executable":
+        target.write_text("#!/bin/sh\n")
+        target.chmod(0o644)
+    elif kind == "directory":
+        target.mkdir()
+    monkeypatch.setenv("LLAMAPROC_SERVER", str(target))
+
+    with pytest.raises(llamaproc.BinaryNotFoundError) as info:
+        llamaproc.find_backend()
+    assert "LLAMAPROC_SERVER" in str(info.value) and str(target) in str(info.value)
+    assert info.value.searched == [f"$LLAMAPROC_SERVER={target} (not an executable file)"]
+
+
+def test_environment_variable_may_name_a_command_on_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, backend: llamaproc.Backend
+) -> None:
+    (tmp_path / "my-llama-server").symlink_to(backend.binary)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("LLAMAPROC_SERVER", "my-llama-server")
+    found = llamaproc.find_backend()
+    assert found.source == "environment" and found.binary == backend.binary
 
 
 def test_explicit_binary_that_does_not_exist(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -322,6 +324,13 @@ def test_metrics_after_requests(shared: Daemon) -> None:
     assert _metric(text, "llamaproc_time_to_first_token_seconds_count", model="tiny") >= 2
     assert _metric(text, "llamaproc_loads_total") >= 1
     assert _metric(text, "llamaproc_model_loaded", model="tiny") == 1
+    # One 0/1 series per phase and model.
+    phases = {
+        p: _metric(text, "llamaproc_model_phase", model="tiny", phase=p)
+        for p in ("Pending", "Loading", "Serving", "Failed")
+    }
+    assert phases == {"Pending": 0, "Loading": 0, "Serving": 1, "Failed": 0}
+    assert sum('llamaproc_model_phase{model="tiny",' in line for line in text.splitlines()) == 4
     for name in (
         "llamaproc_model_queue_depth",
         "llamaproc_model_in_flight",
@@ -356,6 +365,26 @@ def test_no_fd_or_rss_growth_over_100_requests(shared: Daemon) -> None:
         assert growth < 5 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB"
 
 
+def test_no_fd_leak_over_unload_and_reload_rounds(shared: Daemon) -> None:
+    """Kept-alive connections to children that were stopped are closed, not left in CLOSE_WAIT."""
+    daemon = psutil.Process(shared.pid)
+    assert _complete(shared, "lazy").status_code == 200
+    fds = daemon.num_fds()
+    for _ in range(10):
+        assert httpx.post(shared.http + "/api/models/lazy/unload", timeout=60).status_code == 200
+        assert _complete(shared, "lazy").status_code == 200
+
+    def close_wait() -> list[Any]:
+        return [c for c in daemon.net_connections("tcp") if c.status == psutil.CONN_CLOSE_WAIT]
+
+    # Idle connections are swept within about keepalive_expiry (2 s). Only growth counts: other
+    # tests' idle connections may expire meanwhile and lower the count.
+    try:
+        _wait_for(lambda: daemon.num_fds() <= fds + 2 and not close_wait(), timeout=6, what="stale connections to go")
+    except AssertionError:
+        raise AssertionError(f"fds {fds} -> {daemon.num_fds()}; in CLOSE_WAIT: {close_wait()}") from None
+
+
 def test_second_serve_is_refused(shared: Daemon) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "llamaproc", "serve", "--config", str(shared.config), "--port", "0"]
@@ -369,6 +398,42 @@ def test_second_serve_is_refused(shared: Daemon) -> None:
     assert str(shared.pid) in result.stderr
     assert "already running" in result.stderr
     assert httpx.get(shared.http + "/health").status_code == 200  # the first one is untouched
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llamaproc", "serve", *args], check=False, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_start_up_errors_say_what_failed(tmp_path: Path, tiny_model: Path) -> None:
+    config = str(write_config(tmp_path / "serve.toml", {"tiny": {"path": tiny_model}}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _serve("--config", config, "--port", str(port), "--state-dir", str(tmp_path / "s1"))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    missing = tmp_path / "nowhere" / "serve.sock"
+    result = _serve("--config", config, "--port", "0", "--state-dir", str(tmp_path / "s2"), "--socket", str(missing))
+    assert result.returncode == 1
+    assert f"cannot listen on socket {missing}" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    not_a_socket = tmp_path / "file.sock"
+    not_a_socket.write_text("a regular file")
+    result = _serve(
+        "--config", config, "--port", "0", "--state-dir", str(tmp_path / "s3"), "--socket", str(not_a_socket)
+    )
+    assert result.returncode == 1
+    assert f"cannot listen on socket {not_a_socket}" in result.stderr and "not a socket" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not_a_socket.read_text() == "a regular file"
+    for state in ("s1", "s2", "s3"):
+        assert not (tmp_path / state / "serve.pid").exists() and not (tmp_path / state / "serve.json").exists()
 
 
 def test_config_error_exits_2_naming_file_and_key(tmp_path: Path, tiny_model: Path) -> None:
@@ -541,10 +606,11 @@ def test_crash_of_a_child_is_restarted(tmp_path: Path, long_model: Path, backend
         tmp_path / "serve.toml",
         {"tiny": {"path": long_model, "ctx_size": 32768}},
         preload=["tiny"],
-        restart_backoff="200ms",
+        restart_backoff="500ms",
     )
     with running_daemon(config, tmp_path / "state") as daemon:
         old = _wait_for(lambda: (m := _models(daemon)["tiny"])["phase"] == "Serving" and m, what="preload")
+        assert old["restarts"] == 0
         results: dict[str, StreamResult] = {}
 
         async def stream_and_kill() -> None:
@@ -573,11 +639,51 @@ def test_crash_of_a_child_is_restarted(tmp_path: Path, long_model: Path, backend
             return model["phase"] == "Serving" and model["pid"] != old["pid"] and model
 
         new = _wait_for(restarted, what="restart")
-        assert new["restarts"] >= 1
+        assert "Loading" in phases  # seen during the backoff and the reload
+        assert phases <= {"Loading", "Serving"}
+        assert new["restarts"] >= 1 and new["loaded"]
         crashed = next(c for c in new["conditions"] if c["type"] == "Crashed")
         assert crashed["reason"] != "NoCrash"
         assert _complete(daemon, "tiny").status_code == 200
         assert _metric(httpx.get(daemon.http + "/metrics").text, "llamaproc_restarts_total") >= 1
+        _stop_and_check(daemon)
+
+
+def test_restart_limit_marks_the_model_failed(tmp_path: Path, tiny_model: Path, backend: Any) -> None:
+    config = write_config(
+        tmp_path / "serve.toml",
+        {"tiny": {"path": tiny_model, "ctx_size": 512}},
+        preload=["tiny"],
+        restart_backoff="100ms",
+        max_restarts=1,
+    )
+    with running_daemon(config, tmp_path / "state") as daemon:
+        killed: list[int] = []
+        for _ in range(2):  # one restart is allowed, the second crash is one too many
+            model = _wait_for(
+                lambda: (m := _models(daemon)["tiny"])["phase"] == "Serving" and m["pid"] not in killed and m,
+                what="the model to serve",
+            )
+            os.kill(model["pid"], signal.SIGKILL)
+            killed.append(model["pid"])
+        failed = _wait_for(lambda: (m := _models(daemon)["tiny"])["phase"] == "Failed" and m, what="Failed")
+        assert failed["restarts"] == 1 and failed["pid"] is None and not failed["loaded"]
+        conditions = {c["type"]: c for c in failed["conditions"]}
+        assert conditions["Failed"]["status"] == "True" and conditions["Failed"]["reason"] == "TooManyRestarts"
+        assert llama_servers_of(daemon.pid) == []
+
+        refused = _complete(daemon, "tiny")
+        assert refused.status_code == 503
+        error = refused.json()["error"]
+        assert error["code"] == "model_unavailable" and "failed after more than 1 restarts" in error["message"]
+        time.sleep(0.3)
+        assert _models(daemon)["tiny"]["phase"] == "Failed"  # stays Failed
+        assert _metric(httpx.get(daemon.http + "/metrics").text, "llamaproc_model_phase", model="tiny",
+                       phase="Failed") == 1  # fmt: skip
+
+        loaded = httpx.post(daemon.http + "/api/models/tiny/load", timeout=60)  # an explicit load resets it
+        assert loaded.status_code == 200 and loaded.json()["phase"] == "Serving"
+        assert _complete(daemon, "tiny").status_code == 200
         _stop_and_check(daemon)
 
 
@@ -629,6 +735,136 @@ async def test_sigterm_during_a_stream(tmp_path: Path, tiny_model: Path, backend
             while daemon.process.poll() is None:
                 await anyio.sleep(0.05)
         assert daemon.returncode == 0, daemon.stderr()
+        _assert_gone(servers)
+        for name in ("serve.json", "serve.pid", "serve.sock"):
+            assert not (daemon.state_dir / name).exists(), name
+    finally:
+        if daemon.process.poll() is None:
+            stop_daemon(daemon)
+
+
+@pytest.mark.anyio
+async def test_sigint_drains_then_exits(tmp_path: Path, tiny_model: Path, backend: Any) -> None:
+    config = write_config(tmp_path / "serve.toml", {"tiny": {"path": tiny_model, "ctx_size": 4096}})
+    daemon = start_daemon(config, tmp_path / "state")
+    try:
+        async with httpx.AsyncClient(base_url=daemon.http, timeout=60) as client:
+            first = anyio.Event()
+            results: dict[str, StreamResult] = {}
+
+            async def run() -> None:
+                results["stream"] = await _stream(client, "/v1/completions", _long("tiny"), first=first)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                await first.wait()
+                servers = llama_servers_of(daemon.pid)
+                assert len(servers) == 1
+                os.kill(daemon.pid, signal.SIGINT)
+        stream = results["stream"]
+        assert stream.status == 200 and stream.done and stream.error is None
+        assert len(stream.texts) == LONG
+        with anyio.fail_after(30):
+            while daemon.process.poll() is None:
+                await anyio.sleep(0.05)
+        assert daemon.returncode == 0, daemon.stderr()
+        assert "SIGINT received" in daemon.stderr() and "Traceback" not in daemon.stderr()
+        _assert_gone(servers)
+        for name in ("serve.json", "serve.pid", "serve.sock"):
+            assert not (daemon.state_dir / name).exists(), name
+    finally:
+        if daemon.process.poll() is None:
+            stop_daemon(daemon)
+
+
+def _socket_stream(path: str, request: dict[str, Any], started: threading.Event) -> list[dict[str, Any]]:
+    """Send one socket request and read its events up to the last one (blocking)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        events: list[dict[str, Any]] = []
+        with sock.makefile("rb") as reader:
+            for line in reader:
+                events.append(json.loads(line))
+                if events[-1]["event"] != "token":
+                    break
+                started.set()
+        return events
+
+
+@pytest.mark.anyio
+async def test_drain_timeout_stops_models_and_ends_every_request_with_an_error(
+    tmp_path: Path, long_model: Path, tiny_model: Path, backend: Any
+) -> None:
+    """Requests still running at the drain deadline: what waits gets 503 shutting_down, streams
+    (HTTP and socket) end with a shutting_down error event, the daemon exits 0 at once after."""
+    config = write_config(
+        tmp_path / "serve.toml",
+        {"long": {"path": long_model, "ctx_size": 32768, "parallel": 2}, "tiny": {"path": tiny_model}},
+        max_loaded_models=1,
+        drain_timeout="1s",
+        preload=["long"],
+    )
+    daemon = start_daemon(config, tmp_path / "state")
+    try:
+        _wait_for(lambda: _models(daemon)["long"]["phase"] == "Serving", what="preload")
+        servers = llama_servers_of(daemon.pid)
+        endless = {"model": "long", "prompt": "x", "max_tokens": 100_000, "ignore_eos": True}
+        results: dict[str, Any] = {}
+        socket_started = threading.Event()
+        async with httpx.AsyncClient(base_url=daemon.http, timeout=60) as client:
+            first = anyio.Event()
+
+            async def http_stream() -> None:
+                results["stream"] = await _stream(client, "/v1/completions", endless, first=first)
+
+            async def waiting_for_room() -> None:
+                results["waiter"] = await client.post(
+                    "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}
+                )
+
+            async def socket_stream() -> None:
+                assert daemon.socket is not None
+                request = {"id": "s", "op": "generate", **endless}
+                results["socket"] = await anyio.to_thread.run_sync(
+                    _socket_stream, daemon.socket, request, socket_started
+                )
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(http_stream)
+                tg.start_soon(socket_stream)
+                await first.wait()
+                while not socket_started.is_set():
+                    await anyio.sleep(0.01)
+                tg.start_soon(waiting_for_room)
+                with anyio.fail_after(10):
+                    while (await client.get("/api/models")).json()["models"][1]["in_flight"] != 1:
+                        await anyio.sleep(0.02)
+                signalled = time.monotonic()
+                os.kill(daemon.pid, signal.SIGTERM)
+                await anyio.sleep(0.3)
+                async with httpx.AsyncClient(base_url=daemon.http, timeout=5) as other:
+                    load = await other.post("/api/models/tiny/load")  # refused, not queued for room
+                assert load.status_code == 503 and load.json()["error"]["code"] == "shutting_down"
+            with anyio.fail_after(30):
+                while daemon.process.poll() is None:
+                    await anyio.sleep(0.02)
+            took = time.monotonic() - signalled
+        assert daemon.returncode == 0, daemon.stderr()
+        assert took < 1 + 3, took  # the drain timeout and the children's stop; no extra wait
+
+        stream: StreamResult = results["stream"]
+        assert stream.status == 200 and stream.texts and not stream.done
+        assert stream.error is not None and stream.error["code"] == "shutting_down"
+        waiter: httpx.Response = results["waiter"]
+        assert waiter.status_code == 503 and waiter.json()["error"]["code"] == "shutting_down"
+        events = results["socket"]
+        assert events[0]["event"] == "token"
+        assert (events[-1]["event"], events[-1]["code"]) == ("error", "shutting_down")
+
+        stderr = daemon.stderr()
+        assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
         _assert_gone(servers)
         for name in ("serve.json", "serve.pid", "serve.sock"):
             assert not (daemon.state_dir / name).exists(), name

@@ -127,7 +127,9 @@ def _wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") ->
     return value
 
 
-def _cli(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, stdin: str | None = None, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "llamaproc", *args],
         check=False,
@@ -135,6 +137,7 @@ def _cli(*args: str, stdin: str | None = None, timeout: float = 60) -> subproces
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
     )
 
 
@@ -340,6 +343,29 @@ def test_half_closed_connection_gets_its_answers(daemon: Daemon) -> None:
         conn.close()
 
 
+def test_no_fd_or_rss_growth_over_100_socket_requests(daemon: Daemon) -> None:
+    assert daemon.socket is not None
+    process = psutil.Process(daemon.pid)
+
+    def one(i: int) -> None:
+        assert daemon.socket is not None
+        with DaemonClient(daemon.socket, timeout=30) as client:  # a connection per request
+            if i % 3 == 2:
+                assert client.call("embed", model="emb", input=["a text"])["event"] == "result"
+            else:
+                events = list(client.stream("generate", model="tiny", prompt="x", max_tokens=4))
+                assert events[-1]["event"] == "done"
+
+    for i in range(30):  # warm-up: caches, connection pools, allocator arenas
+        one(i)
+    fds, rss = process.num_fds(), process.memory_info().rss
+    for i in range(100):
+        one(i)
+    assert abs(process.num_fds() - fds) <= 2, (fds, process.num_fds())
+    growth = process.memory_info().rss - rss
+    assert growth < 5 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB"
+
+
 # --- the commands --------------------------------------------------------------------------------
 
 
@@ -385,6 +411,36 @@ def test_stop_command_with_a_socket_elsewhere(tmp_path: Path, tiny_model: Path, 
         assert again.returncode == 1 and "not running" in again.stderr
         ps = _cli("ps", "--state-dir", str(state))
         assert ps.returncode == 1 and "no llamaproc daemon" in ps.stderr
+    finally:
+        if daemon.process.poll() is None:
+            stop_daemon(daemon)
+
+
+def test_relative_state_dir_and_socket_work_from_another_directory(
+    tmp_path: Path, tiny_model: Path, backend: Any
+) -> None:
+    """`serve --state-dir state --socket run/s.sock` started in one directory; clients run elsewhere."""
+    config = write_config(tmp_path / "serve.toml", {"tiny": {"path": tiny_model, "ctx_size": 512}})
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "run").mkdir(parents=True)
+    elsewhere.mkdir()
+    daemon = start_daemon(config, Path("state"), socket="run/s.sock", cwd=work)
+    try:
+        state = work / "state"
+        info = json.loads((state / "serve.json").read_text())
+        assert info["socket"] == str(work / "run" / "s.sock")
+        assert info["drain_timeout"] == 30  # for `llamaproc stop` to wait long enough
+        assert Path(info["socket"]).exists()
+        chat = _cli("chat", "tiny", "hello", "--daemon", "--state-dir", str(state), "--max-tokens", "4", cwd=elsewhere)
+        assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+        ps = _cli("ps", "--state-dir", str(state), cwd=elsewhere)
+        assert ps.returncode == 0 and "tiny" in ps.stdout, ps.stderr
+        servers = llama_servers_of(daemon.pid)
+        stop = _cli("stop", "--state-dir", str(state), cwd=elsewhere)
+        assert stop.returncode == 0, stop.stderr
+        assert daemon.process.poll() == 0, daemon.stderr()
+        _assert_gone(servers)
+        assert not (work / "run" / "s.sock").exists() and not (state / "serve.pid").exists()
     finally:
         if daemon.process.poll() is None:
             stop_daemon(daemon)

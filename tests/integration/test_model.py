@@ -101,7 +101,7 @@ async def test_embed_with_mean_pooling_chosen_for_a_file_that_names_none(tiny_em
         assert vectors[0] != vectors[1]
         # A one-element list of a text gives the same vector as in a batch.
         assert (await model.embed(["the blue sea"]))[0] == pytest.approx(vectors[1], abs=1e-5)
-        with pytest.raises(TypeError):
+        with pytest.raises(llamaproc.InvalidArgumentError):
             await model.embed("hello")
 
 
@@ -258,6 +258,93 @@ async def test_close_with_a_live_stream(tiny_model: Path, record_property: Any, 
     await model.close()  # idempotent
 
 
+async def test_close_with_a_live_stream_and_a_queued_request(tiny_model: Path, record_property: Any) -> None:
+    """One slot: a stream holds it, a second request waits in llama-server's queue.
+
+    llama-server notices the closed queued connection only on its once-a-second
+    check and, after one SIGTERM, waits for it; the second SIGTERM makes it exit.
+    """
+    model = await llamaproc.load_model(tiny_model, parallel=1, args=ENDLESS, grace=5)
+    caught: list[BaseException] = []
+    first = anyio.Event()
+
+    async def read() -> None:
+        try:
+            async with model.generate(PROMPT, max_tokens=LONG) as stream:
+                async for _ in stream:
+                    first.set()
+        except llamaproc.LlamaprocError as exc:
+            caught.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        with anyio.fail_after(5):
+            await first.wait()
+        tg.start_soon(read)  # queued: no answer until the slot is free
+        with anyio.fail_after(5):
+            while (await model.server_metrics()).get("llamacpp:requests_deferred", 0) < 1:
+                await anyio.sleep(0.01)
+        start = time.monotonic()
+        await model.close()
+        elapsed = time.monotonic() - start
+
+    record_property("close_seconds_queued", elapsed)
+    print(f"close() with a live stream and a queued request took {elapsed * 1000:.1f} ms")
+    assert elapsed < 0.5, f"close() took {elapsed:.3f} s"
+    assert len(caught) == 2 and all(isinstance(e, llamaproc.ClosedError) for e in caught), caught
+    assert model.returncode is not None
+
+
+@BOTH_BACKENDS
+async def test_aclose_from_another_task(tiny_model: Path, anyio_backend: str) -> None:
+    async with await llamaproc.load_model(tiny_model, parallel=1, args=ENDLESS) as model:
+        stream = model.generate(PROMPT, max_tokens=LONG)
+        caught: list[BaseException] = []
+        reading = anyio.Event()
+        noticed = 0.0
+
+        async def read() -> None:
+            nonlocal noticed
+            try:
+                async for _ in stream:
+                    reading.set()
+            except llamaproc.LlamaprocError as exc:
+                noticed = time.monotonic()
+                caught.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            with anyio.fail_after(5):
+                await reading.wait()
+            start = time.monotonic()
+            await stream.aclose()
+
+        assert [type(e) for e in caught] == [llamaproc.ClosedError], caught
+        assert noticed - start < 0.2, f"the reader noticed after {noticed - start:.3f} s"
+        assert stream.error is caught[0]
+        assert model.last_error is None  # nothing went wrong with the server
+        # The slot is free and the model serves on.
+        assert (await model.complete(PROMPT, max_tokens=2)).usage.completion_tokens == 2
+
+
+@BOTH_BACKENDS
+@TRIO_ASYNCGEN_WARNING
+@pytest.mark.filterwarnings(r"ignore:Async generator 'llamaproc\._client\._iterate':ResourceWarning")
+async def test_break_without_async_with_frees_the_slot(tiny_model: Path, anyio_backend: str) -> None:
+    """``async for tok in model.generate(...): break`` drops the stream, which closes it (no gc.collect())."""
+    async with await llamaproc.load_model(tiny_model, parallel=1, args=ENDLESS) as model:
+        async for _ in model.generate(PROMPT, max_tokens=LONG):
+            break
+
+        start = time.monotonic()
+        with anyio.fail_after(5):
+            first = await model.complete(PROMPT, max_tokens=1)
+        elapsed = time.monotonic() - start
+        assert first.usage.completion_tokens == 1
+        assert elapsed < 1.0, f"the next request started after {elapsed:.3f} s"
+        assert len(model._client._streams) == 0
+
+
 async def test_close_during_a_non_streamed_call(tiny_model: Path, record_property: Any) -> None:
     model = await llamaproc.load_model(tiny_model, args=ENDLESS)
     caught: list[BaseException] = []
@@ -325,6 +412,9 @@ async def test_crash_mid_stream_raises(tiny_model: Path, record_property: Any) -
         err = info.value
         assert err.returncode == -9
         assert err.pid == model.pid
+        # The cause is the stream's own error, which has the connection's error as its cause.
+        assert isinstance(err.__cause__, (llamaproc.IncompleteStreamError, llamaproc.TransportError))
+        assert err.__cause__.__cause__ is not None
         assert elapsed < 2.0
         assert model.returncode == -9
         assert model.last_error is err

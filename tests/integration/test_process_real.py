@@ -138,3 +138,10 @@ def test_parent_sigkill_leaves_no_orphan(tiny_model: Path) -> None:
                 stream.close()
         if server_pid and not _gone(server_pid):
             os.kill(server_pid, signal.SIGKILL)
+
+
+@pytest.mark.anyio
+async def test_host_given_in_args(tiny_model: Path) -> None:
+    async with await llamaproc.load_model(tiny_model, args=["--host", "127.0.0.2"], startup_timeout=10) as model:
+        assert model.base_url.startswith("http://127.0.0.2:")
+        assert (await model.complete("hello", max_tokens=2)).usage.completion_tokens == 2

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import psutil
 import pytest
 
@@ -148,3 +149,38 @@ async def test_a_file_that_does_not_load_fails_after_the_limit(tmp_path: Path, b
         with pytest.raises(ModelUnavailableError, match="failed after more than 2 restarts.*StartupError"):
             await sup.ready()
         assert conditions(sup)["Loaded"].reason == "LoadFailed"
+
+
+@pytest.mark.anyio
+async def test_requests_during_the_backoff_after_a_failed_load_are_refused_at_once(
+    tmp_path: Path, backend: llamaproc.Backend
+) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"this is not a gguf file\n" * 100)
+    async with Supervisor("junk", ModelConfig(path=junk), restart_backoff=5, health_interval=None) as sup:
+        with pytest.raises(ModelUnavailableError, match="could not be loaded"):
+            await sup.ready()  # waits for the first attempt
+        assert sup.phase == Phase.LOADING and conditions(sup)["Ready"].reason == "BackOff"
+        start = time.monotonic()
+        with anyio.fail_after(1), pytest.raises(ModelUnavailableError) as info:
+            await sup.ready()  # not through the 5 s backoff
+        assert time.monotonic() - start < 0.2
+        assert "could not be loaded: StartupError" in str(info.value)
+        assert "retrying in" in str(info.value)
+        assert sup.restarts == 1 and sup.phase == Phase.LOADING
+
+
+@pytest.mark.anyio
+async def test_a_stopping_model_is_no_longer_serving(tiny_model: Path, backend: llamaproc.Backend) -> None:
+    """The phase leaves Serving before the child is stopped, not after."""
+    async with Supervisor("tiny", ModelConfig(path=tiny_model, ctx_size=256), health_interval=None) as sup:
+        model = await sup.ready()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sup.stop)
+            while sup.phase == Phase.SERVING:
+                await anyio.lowlevel.checkpoint()
+            running = model.returncode is None
+            seen = (sup.phase, conditions(sup)["Ready"].reason, sup.model)
+        assert running  # the child was still there when the phase changed
+        assert seen == (Phase.PENDING, "Unloading", None)
+        assert conditions(sup)["Ready"].reason == "Unloaded" and gone(model.pid)

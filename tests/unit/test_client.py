@@ -9,8 +9,10 @@ tests use a raw TCP server to get httpx's real transport errors.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from llamaproc import (
     Completion,
     Health,
     IncompleteStreamError,
+    InvalidArgumentError,
     LlamaClient,
     LlamaprocError,
     ServerCrashedError,
@@ -1347,3 +1350,238 @@ async def test_done_hook_not_called_on_error(router: respx.MockRouter, client: L
     stream.done_hook = done.append
     await collect_until_error(stream)
     assert done == []
+
+
+# -- aclose() from another task ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_aclose_from_another_task_ends_the_reader_with_closed_error(
+    router: respx.MockRouter, client: LlamaClient
+) -> None:
+    body = Body(sse(NATIVE_EVENTS[0]), hang=True)
+    mock_stream(router, "/completion", body)
+    stream = client.stream_completion("hello")
+    hooked: list[LlamaprocError] = []
+
+    async def hook(error: LlamaprocError) -> LlamaprocError:
+        hooked.append(error)
+        return error
+
+    stream.error_hook = hook
+    caught: list[BaseException] = []
+    tokens: list[Token] = []
+
+    async def read() -> None:
+        try:
+            async for token in stream:
+                tokens.append(token)
+        except LlamaprocError as exc:
+            caught.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await body.hanging.wait()
+            await stream.aclose()
+            with anyio.fail_after(0.2):  # at once: no error hook, no crash wait
+                while not caught:
+                    await anyio.sleep(0.001)
+    assert tokens == NATIVE_TOKENS[:1]
+    assert [type(e) for e in caught] == [ClosedError]
+    assert str(caught[0]) == "the stream was closed"
+    assert stream.error is caught[0]
+    assert hooked == []  # not a server error: nothing to explain
+    assert body.closed
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+
+
+@pytest.mark.anyio
+async def test_aclose_from_another_task_while_the_request_waits_for_an_answer() -> None:
+    """A queued request (no headers yet) is abandoned at once too."""
+    with anyio.fail_after(5):
+        async with raw_server(b"", hold=True) as url, LlamaClient(url) as client:
+            stream = client.stream_completion("hello")
+            caught: list[BaseException] = []
+
+            async def read() -> None:
+                try:
+                    async for _ in stream:
+                        pass
+                except LlamaprocError as exc:
+                    caught.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await anyio.sleep(0.1)
+                t0 = anyio.current_time()
+                await stream.aclose()
+                with anyio.fail_after(0.2):
+                    while not caught:
+                        await anyio.sleep(0.001)
+                assert anyio.current_time() - t0 < 0.2
+    assert [type(e) for e in caught] == [ClosedError]
+    assert stream.error is caught[0]
+
+
+# -- a dropped stream closes its response ----------------------------------------------------------
+
+OUR_GENERATOR_GC_WARNING = pytest.mark.filterwarnings(
+    # trio warns about any async generator left to the garbage collector, ours included.
+    r"ignore:Async generator 'llamaproc\._client\._iterate':ResourceWarning"
+)
+
+
+@OUR_GENERATOR_GC_WARNING
+@pytest.mark.anyio
+async def test_break_without_async_with_closes_the_response_once_dropped(
+    router: respx.MockRouter, client: LlamaClient
+) -> None:
+    body = Body(sse(*NATIVE_EVENTS[:2]), hang=True)
+    mock_stream(router, "/completion", body)
+    gc.disable()  # reference counting alone must free it: no cycle keeps the stream alive
+    try:
+        async for token in client.stream_completion("hello"):
+            assert token == NATIVE_TOKENS[0]
+            [state] = client._streams
+            alive = weakref.ref(state)
+            del state
+            break
+        with anyio.fail_after(1):
+            while not body.closed:
+                await anyio.sleep(0.001)
+        assert len(client._streams) == 0
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+@OUR_GENERATOR_GC_WARNING
+@pytest.mark.anyio
+async def test_dropping_a_stream_after_next_closes_the_response(router: respx.MockRouter, client: LlamaClient) -> None:
+    body = Body(sse(*NATIVE_EVENTS[:2]), hang=True)
+    mock_stream(router, "/completion", body)
+    gc.disable()
+    try:
+        stream = client.stream_completion("hello")
+        assert await stream.__anext__() == NATIVE_TOKENS[0]
+        alive = weakref.ref(stream._state)
+        del stream
+        with anyio.fail_after(1):
+            while not body.closed:
+                await anyio.sleep(0.001)
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.anyio
+async def test_a_kept_stream_stays_open_until_closed(router: respx.MockRouter, client: LlamaClient) -> None:
+    body = Body(sse(*NATIVE_EVENTS[:2]), hang=True)
+    mock_stream(router, "/completion", body)
+    stream = client.stream_completion("hello")
+    async for _ in stream:
+        break
+    async for token in stream:  # a second loop goes on where the first left off
+        assert token == NATIVE_TOKENS[1]
+        break
+    await anyio.sleep(0.01)
+    assert not body.closed
+    await stream.aclose()
+    assert body.closed
+
+
+# -- after the final event ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_body_held_open_after_the_final_event_does_not_delay_the_end(
+    router: respx.MockRouter, client: LlamaClient
+) -> None:
+    body = Body(sse(*NATIVE_EVENTS), hang=True)
+    mock_stream(router, "/completion", body)
+    stream = client.stream_completion("hello")
+    t0 = anyio.current_time()
+    assert await collect(stream) == NATIVE_TOKENS
+    assert anyio.current_time() - t0 < 0.5
+    assert stream.result == NATIVE_RESULT
+    assert body.closed
+
+
+@pytest.mark.anyio
+async def test_error_event_after_the_final_event_is_raised(router: respx.MockRouter, client: LlamaClient) -> None:
+    """What a request for several prompts gives when a later prompt fails: not to be dropped silently."""
+    exceed = {"error": {"code": 400, "message": "request (552 tokens) exceeds the available context size",
+                        "type": "exceed_context_size_error"}}
+    mock_stream(router, "/completion", sse(*NATIVE_EVENTS, exceed))
+    stream = client.stream_completion("hello")
+    tokens, error = await collect_until_error(stream)
+    assert tokens == NATIVE_TOKENS
+    assert type(error) is StreamError
+    assert error.body == exceed
+    assert stream.result is None
+
+
+# -- arguments -------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "prompt", [None, 5, b"bytes", ["hello", "world"], [1, "2"], [1.5], [True], {"a": 1}],
+    ids=["none", "int", "bytes", "strings", "mixed", "float", "bool", "dict"],
+)
+async def test_prompt_must_be_a_string_or_token_ids(client: LlamaClient, prompt: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="prompt must be"):
+        client.stream_completion(prompt)
+    with pytest.raises(InvalidArgumentError, match="prompt must be"):
+        await client.completion(prompt)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", [{1, 2}, object(), float("nan"), b"bytes"], ids=["set", "object", "nan", "bytes"])
+async def test_params_that_are_not_json_are_the_callers_mistake(
+    router: respx.MockRouter, client: LlamaClient, value: Any
+) -> None:
+    # Before anything is sent, in both the streamed and the whole-answer paths.
+    with pytest.raises(InvalidArgumentError, match="cannot be sent as JSON"):
+        client.stream_completion("hello", foo=value)
+    with pytest.raises(InvalidArgumentError, match="cannot be sent as JSON"):
+        client.stream_chat([], foo=value)
+    with pytest.raises(InvalidArgumentError, match="cannot be sent as JSON"):
+        await client.completion("hello", foo=value)
+    with pytest.raises(InvalidArgumentError, match="cannot be sent as JSON"):
+        await client.chat([], foo=value)
+    assert router.calls.call_count == 0
+
+
+@pytest.mark.anyio
+async def test_request_bodies_are_json(router: respx.MockRouter, client: LlamaClient) -> None:
+    route = router.post("/tokenize").respond(json={"tokens": [1]})
+    await client.tokenize("grüß 🦙")
+    request = route.calls.last.request
+    assert request.headers["content-type"] == "application/json"
+    assert request.content == '{"content":"grüß 🦙","add_special":false}'.encode()
+
+
+# -- causes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_error_hook_keeps_the_cause_it_set(router: respx.MockRouter, client: LlamaClient) -> None:
+    """A crash error made by the hook keeps the stream error as its cause, not the raw httpx one."""
+    cause = httpx.ReadError("connection reset by peer")
+    mock_stream(router, "/completion", Body(sse(NATIVE_EVENTS[0]), error=cause))
+
+    async def hook(error: LlamaprocError) -> LlamaprocError:
+        crashed = ServerCrashedError("llama-server died", returncode=-9, output="")
+        crashed.__cause__ = error
+        return crashed
+
+    stream = client.stream_completion("hello")
+    stream.error_hook = hook
+    _, error = await collect_until_error(stream)
+    assert type(error) is ServerCrashedError
+    assert type(error.__cause__) is IncompleteStreamError
+    assert error.__cause__.__cause__ is cause
+    assert stream.error is error

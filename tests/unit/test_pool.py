@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -38,22 +39,27 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 class FakeModel:
     """Stands in for a TextModel: never exits on its own (its pid is this process)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, close_delay: float = 0.0) -> None:
         self.path = path
         self.pid = os.getpid()
         self.base_url = "http://127.0.0.1:9"
         self.returncode: int | None = None
         self.closed = False
         self.output = ""
+        self.close_delay = close_delay
 
     async def close(self) -> None:
+        if self.close_delay and not self.closed:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(self.close_delay)
         self.closed = True
 
 
 class FakeLoader:
-    def __init__(self, *, fail: bool = False, delay: float = 0.0) -> None:
+    def __init__(self, *, fail: bool = False, delay: float = 0.0, close_delay: float = 0.0) -> None:
         self.fail = fail
         self.delay = delay
+        self.close_delay = close_delay
         self.calls: list[tuple[str, float]] = []
         self.models: list[FakeModel] = []
         self.options: list[dict[str, Any]] = []
@@ -65,7 +71,7 @@ class FakeLoader:
             await anyio.sleep(self.delay)
         if self.fail:
             raise StartupError("llama-server exited with code 1 during start-up: bad file", returncode=1, output="")
-        model = FakeModel(Path(path))
+        model = FakeModel(Path(path), self.close_delay)
         self.models.append(model)
         return model
 
@@ -211,6 +217,130 @@ async def test_a_model_that_goes_idle_is_reserved_for_the_waiting_load() -> None
             # a went idle with b waiting: a request for a arriving now comes after b.
             tg.start_soon(use, "a")
         assert order == ["b", "a"]
+
+
+@pytest.mark.anyio
+async def test_no_circular_wait_between_making_room_and_admission() -> None:
+    """A request for a model that gets loaded while it waited must not wait for the load making room.
+
+    max 1 loaded; c is busy; b1 makes room (waits for c), a waits, b2 (b's second slot) waits.
+    When c goes idle b1 loads b, then a makes room and waits for b to go idle: b2 must
+    then use b instead of waiting for a's load (that would be circular).
+    """
+    cfg = config(
+        max_loaded_models=1,
+        models={"a": {"path": "/m/a.gguf"}, "b": {"path": "/m/b.gguf", "parallel": 2}, "c": {"path": "/m/c.gguf"}},
+    )
+    loader = FakeLoader()
+    done: list[str] = []
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+
+        async def use(name: str) -> None:
+            async with pool.acquire(name):
+                assert loader.loaded() == [name]
+                await anyio.sleep(0.01)
+            done.append(name)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg, pool.acquire("c"):
+                tg.start_soon(use, "b")
+                await wait_until(lambda: status(pool, "b").in_flight == 1)
+                tg.start_soon(use, "a")
+                await wait_until(lambda: status(pool, "a").in_flight == 1)
+                tg.start_soon(use, "b")
+                await wait_until(lambda: status(pool, "b").in_flight == 2)
+        assert sorted(done) == ["a", "b", "b"]
+        assert done[-1] == "a"  # b's two requests shared the load of b
+        assert loader.loaded() == ["a"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_traffic_always_completes(seed: int) -> None:
+    """Mixed requests, cancellations, loads and unloads on 2 models with room for 1: nothing hangs."""
+    rng = random.Random(seed)
+    cfg = config(
+        max_loaded_models=1,
+        queue_size=64,
+        models={"a": {"path": "/m/a.gguf", "parallel": 1}, "b": {"path": "/m/b.gguf", "parallel": 2}},
+    )
+    loader = FakeLoader(delay=0.005, close_delay=0.003)
+    most_loaded = 0
+    outcomes: list[str] = []
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+
+        async def request(name: str, hold: float, cancel_after: float | None) -> None:
+            nonlocal most_loaded
+            with anyio.move_on_after(cancel_after if cancel_after is not None else 60):
+                async with pool.acquire(name) as model:
+                    assert not model.closed
+                    most_loaded = max(most_loaded, len(loader.loaded()))
+                    await anyio.sleep(hold)
+                    assert not model.closed  # never unloaded under a request
+                outcomes.append("done")
+                return
+            outcomes.append("cancelled")
+
+        async def manage(op: str, name: str) -> None:
+            await (pool.load(name) if op == "load" else pool.unload(name))
+            outcomes.append(op)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(80):
+                    name = rng.choice("ab")
+                    roll = rng.random()
+                    if roll < 0.15:
+                        tg.start_soon(manage, rng.choice(["load", "unload"]), name)
+                    else:
+                        cancel = rng.random() * 0.03 if roll < 0.3 else None
+                        tg.start_soon(request, name, rng.random() * 0.01, cancel)
+                    await anyio.sleep(rng.random() * 0.004)
+        assert len(outcomes) == 80
+        assert most_loaded == 1
+        assert all((s.in_flight, s.queued) == (0, 0) for s in pool.status())
+
+
+@pytest.mark.anyio
+async def test_a_load_failure_refuses_requests_at_once_during_its_backoff() -> None:
+    loader = FakeLoader(fail=True)
+    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 1}}, restart_backoff=5, restart_backoff_max=5)
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        errors: list[tuple[str, float]] = []
+        start = time.monotonic()
+
+        async def request() -> None:
+            try:
+                async with pool.acquire("a"):
+                    pytest.fail("a model that cannot load was used")
+            except ModelUnavailableError as exc:
+                errors.append((str(exc), time.monotonic() - start))
+
+        with anyio.fail_after(2):  # not through the 5 s backoff
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):  # one in flight, three queued behind it
+                    tg.start_soon(request)
+            await request()  # arriving during the backoff
+        assert len(errors) == 5 and len(loader.calls) == 1
+        assert all("could not be loaded: StartupError" in message for message, _ in errors)
+        assert "retrying in" in errors[-1][0]
+        assert status(pool, "a").phase == Phase.LOADING  # still retrying in the background
+
+
+@pytest.mark.anyio
+async def test_a_model_being_unloaded_is_not_reported_serving() -> None:
+    loader = FakeLoader(close_delay=0.3)
+    async with ModelPool(config("a"), loader=loader, health_interval=None) as pool, anyio.create_task_group() as tg:
+        await pool.load("a")
+        assert status(pool, "a").phase == Phase.SERVING
+        tg.start_soon(pool.unload, "a")
+        await wait_until(lambda: not status(pool, "a").loaded)
+        st = status(pool, "a")
+        assert not loader.models[0].closed  # still stopping
+        assert st.phase == Phase.PENDING
+        assert {c.type: c for c in st.conditions}["Ready"].reason == "Unloading"
+        await wait_until(lambda: loader.models[0].closed)
+        await wait_until(lambda: {c.type: c for c in status(pool, "a").conditions}["Ready"].reason == "Unloaded")
 
 
 @pytest.mark.anyio
@@ -377,6 +507,48 @@ async def test_drain_refuses_new_requests_and_waits_for_admitted_ones() -> None:
         with pytest.raises(ShuttingDownError):
             async with pool.acquire("a"):
                 pass
+
+
+@pytest.mark.anyio
+async def test_load_is_refused_while_draining() -> None:
+    loader = FakeLoader()
+    async with ModelPool(config("a b"), loader=loader, health_interval=None) as pool, pool.acquire("a"):
+        with anyio.move_on_after(0.05):
+            await pool.drain(timeout=1)
+        with anyio.fail_after(2), pytest.raises(ShuttingDownError):
+            await pool.load("b")
+        assert loader.loaded() == ["a"]
+
+
+@pytest.mark.anyio
+async def test_close_after_a_drain_timeout_ends_what_waits_and_what_runs() -> None:
+    """close() while requests wait for a slot and for room: they get ShuttingDownError; models stop."""
+    loader = FakeLoader()
+    cfg = config(max_loaded_models=1, models={"a": {"path": "/m/a.gguf", "parallel": 1}, "b": {"path": "/m/b.gguf"}})
+    errors: list[str] = []
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+
+        async def waiting(name: str) -> None:
+            try:
+                async with pool.acquire(name):
+                    pytest.fail("admitted after close")
+            except ShuttingDownError:
+                errors.append(name)
+
+        async with anyio.create_task_group() as tg, pool.acquire("a") as model:
+            tg.start_soon(waiting, "a")  # waits for a's slot
+            tg.start_soon(waiting, "b")  # waits for room
+            await wait_until(lambda: status(pool, "a").queued == 1 and status(pool, "b").in_flight == 1)
+            assert not await pool.drain(timeout=0.05)
+            assert not pool.closed
+            with anyio.fail_after(2):
+                await pool.close()
+            assert pool.closed and model.closed
+            await wait_until(lambda: len(errors) == 2)
+        assert sorted(errors) == ["a", "b"]
+        assert loader.loaded() == []
+        with pytest.raises(ShuttingDownError):
+            await pool.load("a")
 
 
 @pytest.mark.anyio

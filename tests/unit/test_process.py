@@ -449,3 +449,250 @@ async def test_exit_during_startup_does_not_block_the_event_loop(tag: str) -> No
     else:  # SIGKILL was sent by stop(); the kernel may take a moment to finish it off
         assert wait_dead(grandchild, 1.0), "the grandchild survived a failed start"
     assert max(gaps) < 0.5  # the reader is joined for up to 1 s: not on the event loop
+
+
+# -- progress during start-up ---------------------------------------------------------------------
+
+# A fake for start-up behaviours fakes.py does not have; ``--mode``:
+#   loading     print one line, then answer /health with 503 "Loading model" forever, printing nothing
+#               and never the "listening on" line (the port is found from the socket)
+#   busy        burn CPU silently for ``--seconds``, then serve
+#   reading     read /dev/zero slowly and silently (little CPU) for ``--seconds``, then serve
+#   two-terms   serve; ignore the first SIGTERM, exit with code 1 on the second (as llama-server does
+#               while a request is in flight)
+STARTUP_FAKE = r"""
+import argparse, http.server, os, signal, sys, time
+
+p = argparse.ArgumentParser()
+p.add_argument("--tag")
+p.add_argument("--mode")
+p.add_argument("--seconds", type=float, default=0.0)
+p.add_argument("--port", type=int, default=0)
+p.add_argument("--host", default="127.0.0.1")
+a = p.parse_args()
+
+loading = a.mode == "loading"
+if loading:
+    print("0.00.001.000 I srv    load_model: loading model 'big.gguf'", file=sys.stderr, flush=True)
+elif a.mode == "busy":
+    end = time.monotonic() + a.seconds
+    while time.monotonic() < end:
+        pass
+elif a.mode == "reading":
+    end = time.monotonic() + a.seconds
+    with open("/dev/zero", "rb", buffering=0) as f:
+        while time.monotonic() < end:
+            f.read(65536)
+            time.sleep(0.01)
+elif a.mode == "two-terms":
+    terms = []
+
+    def on_term(signum, frame):
+        terms.append(signum)
+        if len(terms) == 2:
+            os._exit(1)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if loading:
+            code, body = 503, b'{"error":{"code":503,"message":"Loading model"}}'
+        else:
+            code, body = 200, b'{"status":"ok"}'
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.ThreadingHTTPServer((a.host, a.port), Handler)
+if not loading:
+    print(f"0.00.100.000 I srv  llama_server: listening on http://{a.host}:{server.server_address[1]}",
+          file=sys.stderr, flush=True)
+server.serve_forever()
+"""
+
+
+def startup_fake(tag: str, mode: str, seconds: float = 0.0) -> list[str]:
+    return ["-c", STARTUP_FAKE, "--tag", tag, "--mode", mode, "--seconds", str(seconds)]
+
+
+@pytest.mark.anyio
+async def test_answering_loading_forever_is_not_progress(tag: str) -> None:
+    """A server that says "loading" (503) forever and does nothing else times out."""
+    t0 = time.monotonic()
+    with anyio.fail_after(10), pytest.raises(StartupTimeoutError) as info:
+        await ServerProcess.start(PYTHON, startup_fake(tag, "loading"), startup_timeout=1.0)
+    elapsed = time.monotonic() - t0
+    assert 1.0 <= elapsed < 3.0, elapsed
+    assert "no progress for 1 s" in str(info.value)
+    assert "loading model" in info.value.output
+    assert not survivors(tag)
+
+
+@pytest.mark.parametrize("mode", ["busy", "reading"])
+@pytest.mark.anyio
+async def test_silent_cpu_or_reads_count_as_progress(tag: str, mode: str) -> None:
+    """Loading a big model prints nothing for a long time, but uses the CPU or reads the file."""
+    t0 = time.monotonic()
+    proc = await ServerProcess.start(PYTHON, startup_fake(tag, mode, 1.5), startup_timeout=0.5)
+    try:
+        assert time.monotonic() - t0 >= 1.5
+        assert proc.running and proc.port is not None
+    finally:
+        await proc.stop()
+
+
+# -- stopping ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_second_sigterm_comes_soon(tag: str) -> None:
+    """llama-server with a request in flight ignores one SIGTERM for ~30 s and exits on the second."""
+    proc = await ServerProcess.start(PYTHON, startup_fake(tag, "two-terms"), startup_timeout=10)
+    t0 = time.monotonic()
+    code = await proc.stop(grace=5.0)
+    elapsed = time.monotonic() - t0
+    assert code == 1
+    assert 0.15 <= elapsed < 1.0, elapsed
+
+
+@BOTH_BACKENDS
+@pytest.mark.anyio
+async def test_repeated_stop_returns_at_once_and_signals_nothing(
+    tag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = await ServerProcess.start(PYTHON, fake(tag), startup_timeout=10)
+    sent: list[tuple[int, int]] = []
+    killpg = os.killpg
+
+    def record(pgid: int, sig: int) -> None:
+        sent.append((pgid, sig))
+        killpg(pgid, sig)
+
+    monkeypatch.setattr(os, "killpg", record)
+    assert await proc.stop() == -signal.SIGTERM
+    # SIGTERM, then SIGKILL to what is left of the group when the exit is seen: once.
+    assert sent == [(proc.pid, signal.SIGTERM), (proc.pid, signal.SIGKILL)]
+    sent.clear()
+    t0 = time.monotonic()
+    for _ in range(3):
+        assert await proc.stop() == -signal.SIGTERM
+    assert proc.returncode == -signal.SIGTERM and not proc.running
+    assert time.monotonic() - t0 < 0.05
+    # The group id may name someone else's group by now: nothing is sent to it any more.
+    assert sent == []
+
+
+@pytest.mark.anyio
+async def test_concurrent_stops_stop_once(tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = await ServerProcess.start(PYTHON, fake(tag, "--ignore-term"), startup_timeout=10, grace=0.3)
+    sent: list[int] = []
+    killpg = os.killpg
+
+    def record(pgid: int, sig: int) -> None:
+        sent.append(sig)
+        killpg(pgid, sig)
+
+    monkeypatch.setattr(os, "killpg", record)
+    codes: list[int | None] = []
+
+    async def stop() -> None:
+        codes.append(await proc.stop())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(stop)
+    assert codes == [-signal.SIGKILL] * 3
+    assert sent == [signal.SIGTERM, signal.SIGTERM, signal.SIGKILL, signal.SIGKILL]
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.anyio
+async def test_no_descriptor_outlives_start_up_but_the_output_pipe(tag: str) -> None:
+    """The wake-up pipe is closed when start() returns, even while a grandchild holds the output open."""
+    before = _fds()
+    proc = await ServerProcess.start(PYTHON, fake(tag, "--grandchild"), startup_timeout=10)
+    try:
+        new = _fds() - before
+        targets = {os.readlink(f"/proc/self/fd/{fd}") for fd in new if os.path.exists(f"/proc/self/fd/{fd}")}
+        assert len(new) == 1 and all(t.startswith("pipe:") for t in targets), targets  # the child's output
+    finally:
+        await proc.stop()
+    assert not reader_alive(proc.pid)
+    assert _fds() - before == set()
+
+
+@pytest.mark.anyio
+async def test_failed_start_leaves_no_descriptor(tag: str) -> None:
+    before = _fds()
+    with pytest.raises(StartupError):
+        await ServerProcess.start(PYTHON, fake(tag, "--say", "error: bad", "--exit", "2"), startup_timeout=10)
+    assert _fds() - before == set()
+
+
+# -- the address ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("host", "connect"), [("127.0.0.2", "127.0.0.2"), ("0.0.0.0", "127.0.0.1")])
+@pytest.mark.parametrize("quiet", [False, True], ids=["from-log", "from-args"])
+@pytest.mark.anyio
+async def test_host_given_in_args_is_used(tag: str, quiet: bool, host: str, connect: str) -> None:
+    """``--host`` in args: the child listens there, and base_url must say so (not 127.0.0.1)."""
+    args = fake(tag, "--host", host, *(["--quiet"] if quiet else []))
+    proc = await ServerProcess.start(PYTHON, args, startup_timeout=5)
+    try:
+        assert proc.argv.count("--host") == 1
+        assert proc.base_url == f"http://{connect}:{proc.port}"
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{proc.base_url}/health")).status_code == 200
+    finally:
+        await proc.stop()
+
+
+IPV6_FAKE = r"""
+import http.server, socket, sys
+
+class Server(http.server.HTTPServer):
+    address_family = socket.AF_INET6
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+server = Server(("::1", 0), Handler)
+print(f"0.00.100.000 I srv  llama_server: listening on http://[::1]:{server.server_address[1]}", flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.mark.anyio
+async def test_ipv6_address_from_the_log(tag: str) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    proc = await ServerProcess.start(PYTHON, ["-c", IPV6_FAKE, tag], startup_timeout=5)
+    try:
+        assert proc.host == "::1"
+        assert proc.base_url == f"http://[::1]:{proc.port}"
+    finally:
+        await proc.stop()

@@ -811,3 +811,13 @@ def test_cmd_stop_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     assert cmd_stop(argparse.Namespace(state_dir=str(tmp_path), socket=None)) == 1
     assert "not running" in capsys.readouterr().err
+
+
+def test_stop_accepts_a_timeout_and_bad_arguments_map_to_bad_request() -> None:
+    from llamaproc import InvalidArgumentError
+    from llamaproc._cli import _parser
+    from llamaproc._socket import _code
+
+    assert _parser().parse_args(["stop", "--timeout", "2.5"]).timeout == 2.5
+    assert _parser().parse_args(["stop"]).timeout is None
+    assert _code(InvalidArgumentError("max_tokens must be >= 0")) == "bad_request"

@@ -1,0 +1,186 @@
+"""Pieces of the daemon that are easier to pin down without processes.
+
+The HTTP proxy's stream relay (with a fake upstream answer), the upstream
+connection pool's sweeping of dead keep-alive connections (against a local
+asyncio server), and the default wait of ``llamaproc stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Self
+
+import anyio
+import pytest
+from starlette.types import Message
+
+from llamaproc._daemon_cli import STOP_TIMEOUT, _default_stop_timeout
+from llamaproc._http import Upstream, _Call, _State
+from llamaproc._metrics import ServeMetrics
+
+pytestmark = pytest.mark.anyio
+
+
+class FakePool:
+    closed = False
+
+    def names(self) -> list[str]:
+        return ["tiny"]
+
+
+class FakeModel:
+    returncode: int | None = None
+
+
+class FakeResponse:
+    """What ``Upstream.post`` returns, with a body given as chunks."""
+
+    status = 200
+    content_type = b"text/event-stream"
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks: Iterator[bytes] = iter(chunks)
+
+    async def next_chunk(self) -> bytes | None:
+        return next(self._chunks, None)
+
+
+async def relay(chunks: list[bytes]) -> bytes:
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    state = _State(FakePool(), Upstream(), ServeMetrics(), 1 << 20)  # type: ignore[arg-type]
+    call = _Call(state, "tiny", 0.0, send)
+    await call._relay_stream(FakeModel(), FakeResponse(chunks))  # type: ignore[arg-type]
+    assert sent[0]["type"] == "http.response.start" and sent[-1]["more_body"] is False
+    return b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_relay_rewrites_the_model_field_of_a_last_event_without_its_blank_line() -> None:
+    body = await relay(
+        [
+            b'data: {"choices":[{"text":"a"}],"model":"tiny.gguf"}\n\n',
+            b'data: {"choices":[{"text":"b"}],"model":"tiny.gguf"}',  # cut before its "\n\n"
+        ]
+    )
+    assert b"tiny.gguf" not in body
+    assert body.count(b'"model":"tiny"') == 2
+    error = json.loads(body.rsplit(b"data: ", 1)[1])["error"]  # no [DONE]: an error event of ours
+    assert error["code"] == "upstream_error"
+
+
+async def test_relay_sees_a_done_that_ends_without_its_blank_line() -> None:
+    body = await relay([b'data: {"choices":[{"text":"a"}],"model":"x"}\n\n', b"data: [DONE]"])
+    assert body.endswith(b"data: [DONE]")
+    assert b'"error"' not in body
+
+
+async def test_relay_ends_a_stream_cut_by_a_shutdown_with_a_shutting_down_event() -> None:
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    pool = FakePool()
+    pool.closed = True
+    state = _State(pool, Upstream(), ServeMetrics(), 1 << 20)  # type: ignore[arg-type]
+    call = _Call(state, "tiny", 0.0, send)
+    await call._relay_stream(FakeModel(), FakeResponse([b'data: {"model":"x"}\n\n']))  # type: ignore[arg-type]
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    assert json.loads(body.rsplit(b"data: ", 1)[1])["error"]["code"] == "shutting_down"
+    assert call.status == "503"
+
+
+class Server:
+    """A local HTTP server answering ``{}`` with keep-alive; it can close every connection it has."""
+
+    def __init__(self) -> None:
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close_connections()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def close_connections(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+async def test_upstream_closes_connections_to_a_server_that_went_away() -> None:
+    async with Upstream(keepalive_expiry=0.2) as upstream, Server() as gone, Server() as other:
+        response = await upstream.post(gone.url, "/v1/completions", b"{}")
+        assert await response.read() == b"{}"
+        response.close()
+        assert upstream.idle_connections() == 1
+        # The connection is reused while the server keeps it.
+        response = await upstream.post(gone.url, "/v1/completions", b"{}")
+        await response.read()
+        response.close()
+        assert upstream.idle_connections() == 1
+
+        assert len(gone.writers) == 1
+        gone.close_connections()  # the child stopped: it closed its end
+        await anyio.sleep(0.15)  # the FIN arrives; the expiry has not passed yet
+        upstream.sweep()
+        assert upstream.idle_connections() == 0
+        assert upstream._idle == {}  # no address kept with an empty list
+
+        # Sweeps also happen as connections are put back (at most every expiry / 2).
+        response = await upstream.post(other.url, "/v1/completions", b"{}")
+        await response.read()
+        response.close()
+        other.close_connections()
+        await anyio.sleep(0.15)
+        response = await upstream.post(other.url, "/v1/completions", b"{}")  # a fresh connection
+        await response.read()
+        response.close()
+        assert upstream.idle_connections() == 1
+
+
+async def test_upstream_sweeper_runs_without_traffic() -> None:
+    async with Upstream(keepalive_expiry=0.1) as upstream, Server() as server:
+        response = await upstream.post(server.url, "/v1/completions", b"{}")
+        await response.read()
+        response.close()
+        assert upstream.idle_connections() == 1
+        with anyio.move_on_after(0.3):
+            await upstream.run_sweeper()
+        assert upstream.idle_connections() == 0  # expired, and nobody had to ask
+
+
+def test_stop_waits_for_the_drain_timeout_named_in_serve_json(tmp_path: Path) -> None:
+    assert STOP_TIMEOUT >= 30 + 20  # the default drain (30 s) and time to stop the children
+    assert _default_stop_timeout(tmp_path) == STOP_TIMEOUT
+    (tmp_path / "serve.json").write_text(json.dumps({"pid": 1, "drain_timeout": 100}))
+    assert _default_stop_timeout(tmp_path) == 130
+    (tmp_path / "serve.json").write_text(json.dumps({"pid": 1, "drain_timeout": 5}))
+    assert _default_stop_timeout(tmp_path) == STOP_TIMEOUT
+    (tmp_path / "serve.json").write_text("not json")
+    assert _default_stop_timeout(tmp_path) == STOP_TIMEOUT

@@ -1,0 +1,84 @@
+"""Every error class pickles and copies with its attributes (errors cross process and thread boundaries)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import llamaproc._exceptions as exceptions
+from llamaproc._exceptions import LlamaprocError
+
+# One instance of each class, made as llamaproc makes them (keyword arguments included).
+SAMPLES: dict[str, Any] = {
+    "LlamaprocError": lambda cls: cls("something failed"),
+    "ServerError": lambda cls: cls("malformed answer"),
+    "TransportError": lambda cls: cls("timed out"),
+    "StatusError": lambda cls: cls(400, {"error": {"code": 400, "message": "bad n_probs"}}, url="http://h/completion"),
+    "ServerLoadingError": lambda cls: cls(503, {"error": {"message": "Loading model"}}),
+    "StreamError": lambda cls: cls({"error": {"code": 500, "message": "slot released"}}),
+    "IncompleteStreamError": lambda cls: cls("the stream ended without its final event"),
+    "ProcessError": lambda cls: cls("survived SIGKILL"),
+    "BinaryNotFoundError": lambda cls: cls("no llama-server", searched=["PATH", "/opt/bin"]),
+    "_ExitedError": lambda cls: cls("exited", returncode=1, output="E bad", pid=7),
+    "StartupError": lambda cls: cls("exited with code 1", returncode=1, output="E invalid magic", pid=12),
+    "StartupTimeoutError": lambda cls: cls("no progress", returncode=None, output="loading", pid=13),
+    "ServerCrashedError": lambda cls: cls("exited with code -9", returncode=-9, output="tail", pid=14),
+    "ModelFileError": lambda cls: cls("not a GGUF file"),
+    "ConfigError": lambda cls: cls("bad key", path="/etc/serve.toml", problems=("a: bad", "b: worse")),
+    "AlreadyRunningError": lambda cls: cls(Path("/run/llamaproc.pid"), 99),
+    "PoolError": lambda cls: cls("pool"),
+    "ModelNotFoundError": lambda cls: cls("no model 'x'"),
+    "ModelUnavailableError": lambda cls: cls("failed"),
+    "QueueFullError": lambda cls: cls("queue full", retry_after=2.5),
+    "ShuttingDownError": lambda cls: cls("draining"),
+    "DaemonError": lambda cls: cls("socket"),
+    "DaemonNotRunningError": lambda cls: cls("no daemon"),
+    "DaemonRequestError": lambda cls: cls({"code": "queue_full", "message": "busy", "retry_after": 1.0}),
+    "UsageError": lambda cls: cls("misuse"),
+    "ClosedError": lambda cls: cls("the model is closed"),
+    "InvalidArgumentError": lambda cls: cls("parallel must be at least 1, not 0"),
+}
+
+CLASSES = {
+    name: obj
+    for name, obj in vars(exceptions).items()
+    if inspect.isclass(obj) and issubclass(obj, LlamaprocError)
+}
+
+
+def test_every_class_has_a_sample() -> None:
+    assert set(CLASSES) == set(SAMPLES)
+
+
+def _same(a: BaseException, b: BaseException) -> None:
+    assert type(a) is type(b)
+    assert str(a) == str(b)
+    assert a.args == b.args
+    assert vars(a) == vars(b)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_pickle_round_trip(name: str, protocol: int) -> None:
+    error = SAMPLES[name](CLASSES[name])
+    _same(error, pickle.loads(pickle.dumps(error, protocol=protocol)))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_copy_and_deepcopy(name: str) -> None:
+    error = SAMPLES[name](CLASSES[name])
+    _same(error, copy.copy(error))
+    _same(error, copy.deepcopy(error))
+
+
+def test_attributes_survive() -> None:
+    error = pickle.loads(pickle.dumps(exceptions.StatusError(404, {"error": {"message": "nope"}}, url="http://h/x")))
+    assert (error.status_code, error.message, error.url) == (404, "nope", "http://h/x")
+    crashed = pickle.loads(pickle.dumps(exceptions.ServerCrashedError("died", returncode=-9, output="tail", pid=5)))
+    assert (crashed.returncode, crashed.output, crashed.pid) == (-9, "tail", 5)
+    assert isinstance(crashed, exceptions.ProcessError)
