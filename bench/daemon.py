@@ -44,15 +44,14 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import psutil
@@ -62,6 +61,7 @@ REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
+from common import Result, free_port, interleave, median, paired
 from daemon_helpers import Daemon, llama_servers_of, start_daemon, stop_daemon, write_config
 
 import llamaproc
@@ -75,42 +75,6 @@ STREAMS = 16
 # --- results -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    """One row of the table (the same shape as bench/common.py's ``Result``).
-
-    ``compare``: ``ratio`` (median of per-round subject/baseline ratios),
-    ``diff`` (median of per-round differences) or ``abs`` (the subject alone,
-    a bound; the baseline is context).
-    """
-
-    metric: str
-    unit: str
-    subject: float
-    baseline: float | None
-    compare: Literal["ratio", "diff", "abs"]
-    target: float
-    op: Literal["<=", ">="]
-    value: float
-    subject_label: str = ""
-    baseline_label: str = ""
-    samples: dict[str, list[float]] = field(default_factory=dict)
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.value <= self.target if self.op == "<=" else self.value >= self.target
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        return d
-
-
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else math.nan
-
-
 def percentile(xs: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0..1), linear between the closest ranks."""
     if not xs:
@@ -119,23 +83,6 @@ def percentile(xs: Sequence[float], q: float) -> float:
     k = (len(s) - 1) * q
     lo, hi = math.floor(k), math.ceil(k)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def paired(subject: Sequence[float], baseline: Sequence[float], how: Literal["ratio", "diff"]) -> float:
-    if how == "ratio":
-        return median([s / b for s, b in zip(subject, baseline, strict=True) if b])
-    return median([s - b for s, b in zip(subject, baseline, strict=True)])
-
-
-async def interleave(variants: Mapping[str, Callable[[], Awaitable[float]]], rounds: int) -> dict[str, list[float]]:
-    """Run every variant once per round, rotating the order each round."""
-    names = list(variants)
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            out[name].append(await variants[name]())
-    return out
 
 
 # --- the client: the same code for the daemon and for llama-server -------------------------------
@@ -335,6 +282,22 @@ def daemon_running(workdir: Path) -> Iterator[Setup]:
             )
 
 
+@contextlib.contextmanager
+def relay_running(port: int, upstream: int) -> Iterator[None]:
+    """bench/relay.py on ``port`` in front of ``upstream``, for the duration of the block."""
+    relay = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "relay.py"), str(port), str(upstream)], stdout=subprocess.PIPE
+    )
+    try:
+        assert relay.stdout is not None
+        if relay.stdout.readline().strip() != b"ready":
+            raise RuntimeError("bench/relay.py did not start")
+        yield
+    finally:
+        relay.kill()
+        relay.wait()
+
+
 def _alive(pid: int) -> bool:
     try:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
@@ -402,19 +365,29 @@ async def ttft(setup: Setup, quick: bool, profile: bool, context: dict[str, Any]
     async def via_socket() -> float:
         return (await socket_stream(setup.socket, request)).first_token
 
-    variants = {"direct": direct, "daemon_http": via_http, "daemon_socket": via_socket}
-    await interleave(variants, 20)  # warm-up: connections, caches, llama-server's prompt cache
-    rounds = 100 if quick else 600
-    gc.collect()
-    gc.disable()
-    try:
-        with profiled(setup.daemon.pid, "ttft", profile):
-            measured = {k: meter.wrap(k, v) for k, v in variants.items()}
-            ms = {k: [v * 1e3 for v in vs] for k, vs in (await interleave(measured, rounds)).items()}
-    finally:
-        gc.enable()
+    relay_port = free_port()
+
+    async def via_relay() -> float:
+        return (await http_stream(setup.host, relay_port, body)).first_token
+
+    variants = {"direct": direct, "daemon_http": via_http, "daemon_socket": via_socket, "bare_relay": via_relay}
+    with relay_running(relay_port, child.port):
+        await interleave(variants, 20)  # warm-up: connections, caches, llama-server's prompt cache
+        rounds = 100 if quick else 600
+        gc.collect()
+        gc.disable()
+        try:
+            with profiled(setup.daemon.pid, "ttft", profile):
+                measured = {k: meter.wrap(k, v) for k, v in variants.items() if k != "bare_relay"}
+                measured["bare_relay"] = via_relay
+                ms = {k: [v * 1e3 for v in vs] for k, vs in (await interleave(measured, rounds)).items()}
+        finally:
+            gc.enable()
+    context["bare_relay_ttft_overhead_ms"] = round(paired(ms["bare_relay"], ms["direct"], "diff"), 3)
     context["cpu_ms_per_request"] = {
-        variant: {who: round(meter.per_call(variant, who) * 1e3, 3) for who in meter.pids} for variant in variants
+        variant: {who: round(meter.per_call(variant, who) * 1e3, 3) for who in meter.pids}
+        for variant in variants
+        if variant != "bare_relay"
     }
     note = f"chat stream, max_tokens {max_tokens}, fresh connection per request, {rounds} rounds"
     results = []
@@ -566,6 +539,17 @@ def table(results: list[Result], context: dict[str, Any]) -> str:
         if key not in seen:
             seen.add(key)
             lines.append(f"  {key}: {r.subject_label} vs. {r.baseline_label} ({r.note})")
+    return "\n".join(lines + notes(context))
+
+
+def notes(context: dict[str, Any]) -> list[str]:
+    """The lines below the table: the bare relay's overhead, CPU time per request and per token."""
+    lines = []
+    if "bare_relay_ttft_overhead_ms" in context:
+        lines.append(
+            f"floor: a bare asyncio byte relay (bench/relay.py, upstream connection opened ahead) adds "
+            f"{context['bare_relay_ttft_overhead_ms']:+.3f} ms to the same TTFT, measured in the same rounds."
+        )
     cpu = context.get("cpu_ms_per_request", {})
     if cpu:
         lines.append("CPU time from /proc/PID/task/*/schedstat, all threads (the daemon's during direct requests:")
@@ -582,7 +566,7 @@ def table(results: list[Result], context: dict[str, Any]) -> str:
                     f"{v}: daemon {c['daemon']:.1f}, llama-server {c['llama-server']:.1f}" for v, c in per.items()
                 )
             )
-    return "\n".join(lines)
+    return lines
 
 
 def _leftovers() -> list[int]:

@@ -18,14 +18,30 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import psutil
 from bench_client import client_cpu_per_token, concurrent_streams
 from bench_model import close_latency, generate_throughput, load_overhead
 from common import RESULTS_DIR, Result, Settings, workdir
+from daemon import notes as daemon_notes
+from daemon import run_benchmarks as daemon_benchmarks
 
 import llamaproc
+
+#: What the daemon benchmark found besides its rows (CPU per request, the bare relay's overhead).
+DAEMON_CONTEXT: dict[str, Any] = {}
+
+
+async def daemon(settings: Settings) -> list[Result]:
+    """bench/daemon.py: ``llamaproc serve`` against its own llama-server child."""
+    path = settings.workdir / "daemon"
+    path.mkdir()
+    results, context = await daemon_benchmarks(path, quick=settings.quick, profile=settings.profile)
+    DAEMON_CONTEXT.update(context)
+    return results
+
 
 BENCHMARKS: dict[str, Callable[[Settings], Awaitable[list[Result]]]] = {
     "generate_throughput": generate_throughput,
@@ -33,6 +49,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Awaitable[list[Result]]]] = {
     "close_latency": close_latency,
     "client_cpu_per_token": client_cpu_per_token,
     "concurrent_streams": concurrent_streams,
+    "daemon": daemon,
 }
 
 
@@ -143,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
 
     print(table(results, errors))
+    if DAEMON_CONTEXT:
+        # The daemon's notes: CPU per request and token, and the floor set by a bare relay.
+        print("\n".join(daemon_notes(DAEMON_CONTEXT)))
     print(f"\n{len(names)} benchmark(s) in {elapsed:.1f} s{' (quick)' if args.quick else ''}")
     if left:
         print(f"WARNING: killed processes left running: {left}")
@@ -161,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "loadavg_after": os.getloadavg(),
         "results": [r.to_json() for r in results],
+        "daemon_context": DAEMON_CONTEXT,
         "errors": errors,
         "all_ok": not errors and all(r.ok for r in results),
     }

@@ -7,6 +7,11 @@ closes its HTTP response on ``break`` (with ``async with`` or
 ``contextlib.aclosing``, or when the stream is dropped), on error and at the
 end. Request bodies are encoded here: a parameter that is not JSON raises
 :class:`~llamaproc.InvalidArgumentError` before anything is sent.
+
+Reading a streamed answer does not depend on httpx: :func:`sse_events` frames
+the bytes into events and :class:`EventParser` turns each event into a token
+and, at the end, the summary. The daemon's socket front end reads its streams
+from its own HTTP client with the same two.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ __all__ = ["DEFAULT_TIMEOUT", "LlamaClient", "TokenStream"]
 
 #: Connect and write stay short; a generation may take long before and between tokens.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=30.0, pool=None)
-_ERROR_BODY_LIMIT = 64 * 1024
+#: How much of an error answer is read.
+ERROR_BODY_LIMIT = 64 * 1024
 #: How long a stream waits for the end of the body after its final event (it normally follows at once).
-_END_OF_BODY_WAIT = 0.2
+END_OF_BODY_WAIT = 0.2
 
 _Kind = Literal["native", "chat", "text"]
 ErrorHook = Callable[[LlamaprocError], Awaitable[LlamaprocError]]
@@ -91,21 +97,26 @@ async def _raise_for_status(response: httpx.Response) -> None:
     try:
         async for chunk in response.aiter_bytes():
             raw += chunk
-            if len(raw) > _ERROR_BODY_LIMIT:
+            if len(raw) > ERROR_BODY_LIMIT:
                 break
     except httpx.HTTPError:
         pass
     finally:
         with anyio.CancelScope(shield=True):
             await response.aclose()
+    raise status_error(response.status_code, raw, str(response.request.url))
+
+
+def status_error(status: int, raw: bytes, url: str) -> StatusError:
+    """The error for a non-2xx answer with body ``raw`` (JSON or text); a loading server's 503 is its own kind."""
     try:
         body: Any = json.loads(raw)
     except ValueError:
         body = raw.decode("utf-8", "replace")
     cls = StatusError
-    if response.status_code == 503 and "loading" in json.dumps(body).lower():
+    if status == 503 and "loading" in json.dumps(body).lower():
         cls = ServerLoadingError
-    raise cls(response.status_code, body, url=str(response.request.url))
+    return cls(status, body, url=url)
 
 
 def _timings(obj: Mapping[str, Any]) -> Timings | None:
@@ -113,94 +124,119 @@ def _timings(obj: Mapping[str, Any]) -> Timings | None:
     return Timings.model_validate(t) if isinstance(t, dict) else None
 
 
-_STREAM_HEADERS = {
-    "Accept": "text/event-stream",
-    "Cache-Control": "no-store",
-    "Content-Type": "application/json",
-    # llama-server closes the connection after every streamed answer while announcing
-    # keep-alive; saying so up front keeps the dead connection out of the pool.
-    "Connection": "close",
-}
+# --- streamed answers, whatever carries them ------------------------------------------------------
+
+#: Paths of the streamed generation endpoints, by kind.
+STREAM_PATHS: dict[_Kind, str] = {"native": "/completion", "chat": "/v1/chat/completions", "text": "/v1/completions"}
 
 
-class _StreamState:
-    """One stream's request, connection and results.
+def completion_body(prompt: str | Sequence[int], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The body of a streamed native ``/completion``: tokens come with their ids."""
+    return {"prompt": _prompt(prompt), **params, "stream": True, "return_tokens": True}
 
-    The iteration (:func:`_iterate`) closes over this object, not over the
-    :class:`TokenStream`, and the client holds it weakly: a stream dropped in
-    the middle of a loop is freed by reference counting at once, and the
-    iteration's ``finally`` closes the response.
+
+def chat_body(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The body of a streamed ``/v1/chat/completions``."""
+    return {"messages": list(messages), **params, "stream": True}
+
+
+def sse_events(data: bytes) -> tuple[list[str], bytes]:
+    """Split a server-sent event stream: the ``data`` of each complete event in ``data``, and the rest.
+
+    ``data`` is what the previous call left over followed by the new bytes.
+    Lines end with LF, CRLF or CR; several ``data:`` lines of one event are
+    joined with LF; comment lines (``:``) and other fields are skipped, and
+    an event without data is no event. A CR at the very end is kept for the
+    next call, which tells whether an LF follows it.
+    """
+    held = b""
+    if b"\r" in data:
+        if data.endswith(b"\r"):
+            data, held = data[:-1], b"\r"
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    end = data.rfind(b"\n\n")
+    if end < 0:
+        return [], data + held
+    events: list[str] = []
+    for block in data[:end].split(b"\n\n"):
+        parts = []
+        for line in block.split(b"\n"):
+            if line.startswith(b"data:"):
+                parts.append(line[6:] if line.startswith(b"data: ") else line[5:])
+            elif line == b"data":
+                parts.append(b"")
+        if parts:
+            events.append((parts[0] if len(parts) == 1 else b"\n".join(parts)).decode("utf-8", "replace"))
+    return events, data[end + 2 :] + held
+
+
+class EventParser:
+    """The tokens and the summary of one streamed generation, from the ``data`` of its SSE events.
+
+    Knows llama-server's JSON, not how the events arrive: :meth:`parse` takes
+    one event's data and returns its token, if it has one; :attr:`done` is
+    set by the final event (native ``"stop": true``, OpenAI ``[DONE]``). A
+    malformed event raises :class:`ServerError`, an error event
+    :class:`StreamError`.
     """
 
-    __slots__ = (
-        "client",
-        "path",
-        "content",
-        "kind",
-        "response",
-        "events",
-        "send_scope",
-        "streaming",
-        "texts",
-        "ids",
-        "done",
-        "released",
-        "closed_by_owner",
-        "closed_by_user",
-        "error_hook",
-        "done_hook",
-        "result",
-        "error",
-        "__weakref__",
-    )
+    __slots__ = ("kind", "texts", "ids", "done", "result")
 
-    def __init__(self, client: LlamaClient, path: str, content: bytes, kind: _Kind) -> None:
-        self.client = client
-        self.path = path
-        self.content = content
+    def __init__(self, kind: _Kind) -> None:
         self.kind = kind
-        self.response: httpx.Response | None = None
-        self.events: AsyncGenerator[ServerSentEvent, None] | None = None
-        self.send_scope: anyio.CancelScope | None = None
-        self.streaming = False
         self.texts: list[str] = []
         self.ids: list[int] = []
         self.done = False
-        self.released = False
-        self.closed_by_owner = False
-        self.closed_by_user = False
-        self.error_hook: ErrorHook | None = None
-        self.done_hook: Callable[[Completion], None] | None = None
         self.result: Completion | None = None
-        self.error: LlamaprocError | None = None
-
-    async def open(self) -> AsyncGenerator[ServerSentEvent, None]:
-        if self.released:
-            raise ClosedError("the stream is closed")
-        client = self.client
-        http = client._http_client()
-        request = http.build_request("POST", self.path, content=self.content, headers=_STREAM_HEADERS)
-        client._streams.add(self)
-        with anyio.CancelScope() as scope:
-            self.send_scope = scope
-            self.response = response = await http.send(request, stream=True)
-        self.send_scope = None
-        if scope.cancelled_caught:  # release() cancelled the wait for the answer's headers
-            raise ClosedError("the stream was closed before llama-server answered")
-        await _raise_for_status(response)
-        self.events = events = EventSource(response).aiter_sse()
-        self.streaming = True
-        return events
 
     def parse(self, data: str) -> Token | None:
         if self.kind != "native" and data == "[DONE]":
             self.done = True
             return None
-        obj = json.loads(data)
-        if "error" in obj:
-            raise StreamError(obj)
-        if self.kind == "native":
-            return self.parse_native(obj)
+        try:
+            obj = json.loads(data)
+            if "error" in obj:
+                raise StreamError(obj)
+            if self.kind == "native":
+                return self._native(obj)
+            return self._openai(obj)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            # ValueError covers bad JSON and pydantic validation.
+            raise ServerError(f"malformed answer from llama-server: {exc!r}") from exc
+
+    def after_end(self, data: str) -> None:
+        """An event after the final one: an error event raises (a request for several prompts
+        gives one per failed prompt); anything else is not part of this answer."""
+        if data.startswith("{"):
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return
+            if isinstance(obj, dict) and "error" in obj:
+                raise StreamError(obj)
+
+    def incomplete(self) -> IncompleteStreamError:
+        """The error for a stream whose body ended before its final event."""
+        return IncompleteStreamError(
+            "the stream ended without its final event" + ("" if self.kind == "native" else " ([DONE])")
+        )
+
+    def summary(self) -> Completion:
+        """The result of a stream that ended normally."""
+        result = self.result
+        if result is None:
+            result = Completion(text="".join(self.texts))
+        elif self.kind != "native":
+            result = result.model_copy(update={"text": "".join(self.texts)})
+        if result.timings is not None and result.usage.total_tokens == 0:
+            t = result.timings
+            result = result.model_copy(
+                update={"usage": Usage(prompt_tokens=t.prompt_n + t.cache_n, completion_tokens=t.predicted_n,
+                                       total_tokens=t.prompt_n + t.cache_n + t.predicted_n)}
+            )
+        return result
+
+    def _openai(self, obj: dict[str, Any]) -> Token | None:
         choices = obj.get("choices")
         choice = choices[0] if choices else None
         text: str | None = None
@@ -210,15 +246,15 @@ class _StreamState:
             else:
                 text = choice.get("text")
             if choice.get("finish_reason") is not None or "timings" in obj or "usage" in obj:
-                self.set_result(obj, choice.get("finish_reason"))
+                self._set_result(obj, choice.get("finish_reason"))
         elif "usage" in obj or "timings" in obj:
-            self.set_result(obj, None)
+            self._set_result(obj, None)
         if text:
             self.texts.append(text)
             return Token(text)
         return None
 
-    def parse_native(self, obj: dict[str, Any]) -> Token | None:
+    def _native(self, obj: dict[str, Any]) -> Token | None:
         text: str = obj.get("content") or ""
         ids = obj.get("tokens")
         if obj.get("stop"):
@@ -247,7 +283,7 @@ class _StreamState:
             return Token(text, token_id)
         return None
 
-    def set_result(self, obj: dict[str, Any], finish_reason: str | None) -> None:
+    def _set_result(self, obj: dict[str, Any], finish_reason: str | None) -> None:
         prev = self.result
         usage = obj.get("usage")
         timings = _timings(obj)
@@ -258,17 +294,93 @@ class _StreamState:
             timings=timings or (prev.timings if prev else None),
         )
 
+
+# --- streams over httpx ------------------------------------------------------------------------------
+
+_STREAM_HEADERS = {
+    "Accept": "text/event-stream",
+    "Cache-Control": "no-store",
+    "Content-Type": "application/json",
+    # llama-server closes the connection after every streamed answer while announcing
+    # keep-alive; saying so up front keeps the dead connection out of the pool.
+    "Connection": "close",
+}
+
+
+class _StreamState:
+    """One stream's request, connection and results.
+
+    The iteration (:func:`_iterate`) closes over this object, not over the
+    :class:`TokenStream`, and the client holds it weakly: a stream dropped in
+    the middle of a loop is freed by reference counting at once, and the
+    iteration's ``finally`` closes the response.
+    """
+
+    __slots__ = (
+        "client",
+        "path",
+        "content",
+        "parser",
+        "response",
+        "events",
+        "send_scope",
+        "streaming",
+        "done",
+        "released",
+        "closed_by_owner",
+        "closed_by_user",
+        "error_hook",
+        "done_hook",
+        "result",
+        "error",
+        "__weakref__",
+    )
+
+    def __init__(self, client: LlamaClient, path: str, content: bytes, kind: _Kind) -> None:
+        self.client = client
+        self.path = path
+        self.content = content
+        self.parser = EventParser(kind)
+        self.response: httpx.Response | None = None
+        self.events: AsyncGenerator[ServerSentEvent, None] | None = None
+        self.send_scope: anyio.CancelScope | None = None
+        self.streaming = False
+        self.done = False
+        self.released = False
+        self.closed_by_owner = False
+        self.closed_by_user = False
+        self.error_hook: ErrorHook | None = None
+        self.done_hook: Callable[[Completion], None] | None = None
+        self.result: Completion | None = None
+        self.error: LlamaprocError | None = None
+
+    async def open(self) -> AsyncGenerator[ServerSentEvent, None]:
+        if self.released:
+            raise ClosedError("the stream is closed")
+        client = self.client
+        http = client._http_client()
+        request = http.build_request("POST", self.path, content=self.content, headers=_STREAM_HEADERS)
+        client._streams.add(self)
+        with anyio.CancelScope() as scope:
+            self.send_scope = scope
+            self.response = response = await http.send(request, stream=True)
+        self.send_scope = None
+        if scope.cancelled_caught:  # release() cancelled the wait for the answer's headers
+            raise ClosedError("the stream was closed before llama-server answered")
+        await _raise_for_status(response)
+        self.events = events = EventSource(response).aiter_sse()
+        self.streaming = True
+        return events
+
     async def read_to_end(self, next_event: Callable[[], Awaitable[ServerSentEvent]]) -> None:
         """After the final event, read the end of the body, for a short while at most.
 
         llama-server ends the body right after the final event. Reading that
         end lets httpx's body iterators finish instead of being left to the
         garbage collector (trio warns about each one, asyncio schedules a task
-        to close each). An error event found there (a request for several
-        prompts gives one per failed prompt) raises :class:`StreamError`;
-        anything else there is not part of this stream's answer.
+        to close each). An error event found there raises :class:`StreamError`.
         """
-        with anyio.move_on_after(_END_OF_BODY_WAIT):
+        with anyio.move_on_after(END_OF_BODY_WAIT):
             while True:
                 try:
                     sse = await next_event()
@@ -276,29 +388,14 @@ class _StreamState:
                     return
                 except Exception:  # noqa: BLE001 - the answer is complete; its connection may close as it likes
                     return
-                if sse.data.startswith("{"):
-                    try:
-                        obj = json.loads(sse.data)
-                    except ValueError:
-                        continue
-                    if isinstance(obj, dict) and "error" in obj:
-                        raise StreamError(obj)
+                self.parser.after_end(sse.data)
 
     async def finish(self) -> None:
-        """Normal end: fill in the text, close the connection, call the done hook."""
-        if self.result is None:
-            self.result = Completion(text="".join(self.texts))
-        elif self.kind != "native":
-            self.result = self.result.model_copy(update={"text": "".join(self.texts)})
-        if self.result.timings is not None and self.result.usage.total_tokens == 0:
-            t = self.result.timings
-            self.result = self.result.model_copy(
-                update={"usage": Usage(prompt_tokens=t.prompt_n + t.cache_n, completion_tokens=t.predicted_n,
-                                       total_tokens=t.prompt_n + t.cache_n + t.predicted_n)}
-            )
+        """Normal end: keep the summary, close the connection, call the done hook."""
+        self.result = result = self.parser.summary()
         await self.release()
         if self.done_hook is not None:
-            self.done_hook(self.result)
+            self.done_hook(result)
 
     async def fail(self, exc: Exception) -> LlamaprocError:
         """The error to raise for ``exc``, with its cause set; closes the connection first."""
@@ -355,16 +452,15 @@ async def _iterate(state: _StreamState) -> AsyncGenerator[Token, None]:
     try:
         events = await state.open()
         next_event = events.__anext__
-        parse = state.parse
+        parser = state.parser
+        parse = parser.parse
         while True:
             try:
                 sse = await next_event()
             except StopAsyncIteration:
-                raise IncompleteStreamError(
-                    "the stream ended without its final event" + ("" if state.kind == "native" else " ([DONE])")
-                ) from None
+                raise parser.incomplete() from None
             token = parse(sse.data)
-            if state.done:
+            if parser.done:
                 break
             if token is not None:
                 yield token
@@ -593,8 +689,7 @@ class LlamaClient:
 
     def stream_completion(self, prompt: str | Sequence[int], **params: Any) -> TokenStream:
         """Native ``POST /completion`` with ``stream: true``; tokens carry their ids."""
-        body = {"prompt": _prompt(prompt), **params, "stream": True, "return_tokens": True}
-        return TokenStream(self, "/completion", body, "native")
+        return TokenStream(self, STREAM_PATHS["native"], completion_body(prompt, params), "native")
 
     async def completion(self, prompt: str | Sequence[int], **params: Any) -> Completion:
         """Native ``POST /completion``, not streamed."""
@@ -614,8 +709,7 @@ class LlamaClient:
 
     def stream_chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> TokenStream:
         """OpenAI ``POST /v1/chat/completions`` with ``stream: true``."""
-        body = {"messages": list(messages), **params, "stream": True}
-        return TokenStream(self, "/v1/chat/completions", body, "chat")
+        return TokenStream(self, STREAM_PATHS["chat"], chat_body(messages, params), "chat")
 
     async def chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Completion:
         """OpenAI ``POST /v1/chat/completions``, not streamed."""
@@ -624,7 +718,7 @@ class LlamaClient:
 
     def stream_text_completion(self, prompt: str, **params: Any) -> TokenStream:
         """OpenAI ``POST /v1/completions`` with ``stream: true``."""
-        return TokenStream(self, "/v1/completions", {"prompt": prompt, **params, "stream": True}, "text")
+        return TokenStream(self, STREAM_PATHS["text"], {"prompt": prompt, **params, "stream": True}, "text")
 
     async def text_completion(self, prompt: str, **params: Any) -> Completion:
         """OpenAI ``POST /v1/completions``, not streamed."""

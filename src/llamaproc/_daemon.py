@@ -22,7 +22,9 @@ Paths given relative (``--state-dir``, ``--socket``) are made absolute:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -196,6 +198,8 @@ async def run_daemon(
                     log_config=None,
                     log_level="warning",
                     access_log=False,
+                    # Loopback by default, not behind a proxy: no X-Forwarded-* rewriting per request.
+                    proxy_headers=False,
                     timeout_graceful_shutdown=HTTP_SHUTDOWN_TIMEOUT,
                 )
             )
@@ -203,7 +207,7 @@ async def run_daemon(
                 sweeper_scope = anyio.CancelScope()
                 tg.start_soon(_run_in, sweeper_scope, client.run_sweeper)
                 socket_scope = anyio.CancelScope()
-                socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics, socket_requests)
+                socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics, socket_requests, client)
                 served = anyio.Event()
 
                 async def serve_http() -> None:
@@ -224,10 +228,11 @@ async def run_daemon(
                     state_dir=directory,
                     drain_timeout=config.drain_timeout,
                 )
+                loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "uvloop" or "asyncio"
+                _log.info("llamaproc serve: listening on %s (%s event loop)", url, loop)
+                _log.info("llamaproc serve: socket %s", socket_url)
                 stack.enter_context(_removing(directory / INFO_FILE))
                 _write_info(directory / INFO_FILE, info)
-                _log.info("llamaproc serve: listening on %s", url)
-                _log.info("llamaproc serve: socket %s", socket_url)
                 if ready is not None:
                     ready(info)
 
@@ -286,6 +291,7 @@ async def _start_socket(
     path: Path,
     metrics: ServeMetrics,
     active: ActiveRequests,
+    client: Upstream,
 ) -> str:
     """Start the Unix socket server in ``tg``, cancellable through ``scope``; return its path."""
     from ._socket import serve_socket
@@ -293,7 +299,7 @@ async def _start_socket(
     async def run(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with scope:
             try:
-                await serve_socket(pool, path, metrics=metrics, active=active, task_status=task_status)
+                await serve_socket(pool, path, metrics=metrics, active=active, client=client, task_status=task_status)
             except OSError as exc:
                 if isinstance(exc, ListenError):
                     raise
@@ -324,6 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 state_dir=state_dir,
             ),
             backend="asyncio",
+            backend_options={"use_uvloop": _use_uvloop()},
         )
     except AlreadyRunningError as exc:
         who = f"pid {exc.pid}" if exc.pid is not None else "another process"
@@ -341,6 +348,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"llamaproc serve: {_start_error(error)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _use_uvloop() -> bool:
+    """uvloop when it is installed (``LLAMAPROC_UVLOOP=0`` turns it off): a faster event loop
+    for the daemon's request path (uvicorn does the same when it runs its own loop)."""
+    if os.environ.get("LLAMAPROC_UVLOOP", "1") == "0":
+        return False
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def _start_error(exc: BaseException) -> str:

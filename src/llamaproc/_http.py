@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._exceptions import (
     LlamaprocError,
@@ -198,10 +198,12 @@ class Upstream:
     ``keepalive_expiry`` seconds idle, well before llama-server's own 5 s), a
     ``connect_timeout``. At most ``max_idle`` idle connections are kept per
     address: llama-server gives each open connection one of its few HTTP
-    threads (``parallel + 2``), and idle ones must not starve its health
-    probes. Streamed answers are never kept (llama-server closes them). There
-    is no read timeout: a generation may take long, and a child that hangs is
-    restarted by its supervisor, which cuts the connection.
+    threads (``parallel + 2`` on small machines), and the pool's admission
+    lets ``parallel`` requests in at once, so with one idle connection a
+    thread is still free for the supervisor's health probe. Streamed answers
+    are never kept (llama-server closes them). There is no read timeout: a
+    generation may take long, and a child that hangs is restarted by its
+    supervisor, which cuts the connection.
 
     Children come and go (unloads, evictions, restarts on new ports), so idle
     connections that can no longer be used (expired, or closed by their
@@ -210,14 +212,34 @@ class Upstream:
     :meth:`run_sweeper`; addresses with no idle connection left are
     forgotten. Without it a connection to a stopped child would stay open
     (``CLOSE_WAIT``) for ever.
+
+    Spare connections: since a streamed answer never leaves its connection
+    for reuse, every stream would wait for a TCP connect and for
+    llama-server to accept. While :meth:`run_sweeper` runs, an address that
+    had a request in the last ``warm_for`` seconds keeps one connection
+    opened ahead of need (idle, counted in ``max_idle``; renewed as it
+    expires), so the next request finds it ready. A spare that cannot be
+    opened (the child has stopped) makes the address cold until its next
+    request. ``warm_for=0`` turns spares off.
     """
 
-    def __init__(self, *, connect_timeout: float = 5.0, keepalive_expiry: float = 2.0, max_idle: int = 4) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        keepalive_expiry: float = 2.0,
+        max_idle: int = 1,
+        warm_for: float = 60.0,
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive_expiry = keepalive_expiry
         self.max_idle = max_idle
+        self.warm_for = warm_for
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
+        self._used: dict[tuple[str, int], float] = {}  # when each address last had a request
+        self._wanted: set[tuple[str, int]] = set()  # addresses that need a spare connection
+        self._wake: anyio.Event | None = None
         self._swept = time.monotonic()
         self._closed = False
 
@@ -234,6 +256,10 @@ class Upstream:
             for conn in conns:
                 conn.close()
         self._idle.clear()
+        self._used.clear()
+        self._wanted.clear()
+        if self._wake is not None:
+            self._wake.set()
 
     def idle_connections(self) -> int:
         """How many idle connections are kept now."""
@@ -257,12 +283,44 @@ class Upstream:
                 del self._idle[address]
         if not self._idle and len(self._addresses) > 64:
             self._addresses.clear()
+        for address, used in list(self._used.items()):
+            if now - used >= self.warm_for:
+                del self._used[address]
+            elif address not in self._idle:
+                self._want(address)
 
     async def run_sweeper(self) -> None:
-        """Sweep every ``keepalive_expiry / 2`` seconds until cancelled (also when no request comes)."""
+        """Until cancelled: sweep every ``keepalive_expiry / 2`` seconds (also when no request
+        comes) and open the spare connections that are wanted."""
         while not self._closed:
-            await anyio.sleep(self.keepalive_expiry / 2)
-            self.sweep()
+            self._wake = wake = anyio.Event()
+            if not self._wanted:
+                with anyio.move_on_after(self.keepalive_expiry / 2):
+                    await wake.wait()
+            if time.monotonic() - self._swept >= self.keepalive_expiry / 2:
+                self.sweep()
+            await self._open_spares()
+
+    def _want(self, address: tuple[str, int]) -> None:
+        self._wanted.add(address)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _open_spares(self) -> None:
+        while self._wanted and not self._closed:
+            address = self._wanted.pop()
+            if self._idle.get(address) or address not in self._used:
+                continue
+            try:
+                conn = await self._connect(address)
+            except UpstreamError:
+                self._used.pop(address, None)  # the child has stopped: cold until its next request
+                continue
+            if self._closed or address not in self._used:
+                conn.close()
+                continue
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(address, []).append(conn)
 
     def _address(self, base_url: str) -> tuple[str, int]:
         address = self._addresses.get(base_url)
@@ -323,9 +381,13 @@ class Upstream:
             f"POST {path} HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\nContent-Type: application/json\r\n"
             f"Accept: {'text/event-stream' if stream else 'application/json'}\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode("latin-1")
+        if self.warm_for > 0:
+            self._used[address] = time.monotonic()
         while True:
             conn = self._take(address)
             reused = conn is not None
+            if self.warm_for > 0 and not self._idle.get(address):
+                self._want(address)  # the next request finds a spare
             if conn is None:
                 conn = await self._connect(address)
             try:
@@ -458,12 +520,19 @@ class _Call:
         self._first_token = False
 
     async def run(self, path: str, raw: bytes, stream: bool, receive: Receive) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+        # The client's disconnect is watched by a plain asyncio task (the app runs under uvicorn,
+        # on asyncio), not an anyio task group: that costs about 0.1 ms per request, on the way
+        # to every first token. The task ends with the call.
+        with anyio.CancelScope() as scope:
+            watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, scope))
             try:
                 await self._admitted(path, raw, stream)
             finally:
-                tg.cancel_scope.cancel()
+                watcher.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait((watcher,))
+                if not watcher.cancelled() and watcher.exception() is not None:  # pragma: no cover
+                    _log.error("watching the client of %r failed", self.name, exc_info=watcher.exception())
 
     async def _admitted(self, path: str, raw: bytes, stream: bool) -> None:
         try:
@@ -726,7 +795,7 @@ def create_app(
     client: Upstream,
     metrics: ServeMetrics | None = None,
     max_body: int = DEFAULT_MAX_BODY,
-) -> Starlette:
+) -> ASGIApp:
     """The ASGI app of the daemon, serving ``pool``.
 
     ``client`` reaches the llama-server children; the caller owns and closes it.
@@ -785,16 +854,42 @@ def create_app(
         code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
         return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type_, code=code)
 
+    hot = {
+        path: _Endpoint(path, required, state)
+        for path, required in (
+            ("/v1/chat/completions", ("messages",)),
+            ("/v1/completions", ("prompt",)),
+            ("/v1/embeddings", ("input",)),
+        )
+    }
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", get_model, methods=["GET"]),
-        Route("/v1/chat/completions", _Endpoint("/v1/chat/completions", ("messages",), state), methods=["POST"]),
-        Route("/v1/completions", _Endpoint("/v1/completions", ("prompt",), state), methods=["POST"]),
-        Route("/v1/embeddings", _Endpoint("/v1/embeddings", ("input",), state), methods=["POST"]),
+        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in hot.items()),
         Route("/api/models", api_models, methods=["GET"]),
         Route("/api/models/{name}/load", load, methods=["POST"]),
         Route("/api/models/{name}/unload", unload, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return _App(Starlette(routes=routes, exception_handlers={HTTPException: http_error}), hot)
+
+
+class _App:
+    """The daemon's ASGI app: the proxied ``POST`` routes go straight to their endpoint, everything
+    else through Starlette (routing, error pages). The proxy answers its own errors, so Starlette's
+    middleware has nothing to add on the path every token request takes."""
+
+    __slots__ = ("hot", "starlette")
+
+    def __init__(self, starlette: Starlette, hot: dict[str, _Endpoint]) -> None:
+        self.starlette = starlette
+        self.hot = hot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.hot.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)

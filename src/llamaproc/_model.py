@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from ._backend import Backend, find_backend, read_gguf_info
-from ._client import DEFAULT_TIMEOUT, LlamaClient, TokenStream, _prompt
+from ._client import DEFAULT_TIMEOUT, LlamaClient, TokenStream, _prompt, chat_body, completion_body
 from ._exceptions import (
     ClosedError,
     IncompleteStreamError,
@@ -34,6 +34,10 @@ from ._types import Completion, GGUFInfo, ModelInfo, RequestMetrics
 __all__ = ["TextModel", "load_model"]
 
 _log = logging.getLogger("llamaproc")
+
+#: Defaults of the generation methods: greedy, up to 256 tokens.
+MAX_TOKENS = 256
+TEMPERATURE = 0.0
 
 
 class TextModel:
@@ -159,8 +163,8 @@ class TextModel:
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
+        max_tokens: int = MAX_TOKENS,
+        temperature: float = TEMPERATURE,
         stop: str | Sequence[str] | None = None,
         **params: Any,
     ) -> TokenStream:
@@ -175,16 +179,16 @@ class TextModel:
         pass through as keywords. Bad arguments raise
         :class:`InvalidArgumentError` here, before anything is sent.
         """
-        params = _generation_params(max_tokens, temperature, stop, params)
+        params = _completion_params(max_tokens, temperature, stop, params)
         self._check()
-        return self._stream(self._client.stream_completion(prompt, n_predict=max_tokens, **params))
+        return self._stream(self._client.stream_completion(prompt, **params))
 
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
+        max_tokens: int = MAX_TOKENS,
+        temperature: float = TEMPERATURE,
         stop: str | Sequence[str] | None = None,
         **params: Any,
     ) -> TokenStream:
@@ -192,30 +196,23 @@ class TextModel:
 
         ``messages`` is a sequence of mappings (``{"role": ..., "content": ...}``).
         """
-        params = _generation_params(max_tokens, temperature, stop, params)
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not all(
-            isinstance(m, Mapping) for m in messages
-        ):
-            raise InvalidArgumentError(
-                f"messages must be a sequence of mappings such as {{'role': 'user', 'content': 'hi'}}, "
-                f"not {messages!r:.80}"
-            )
+        params = _chat_params(messages, max_tokens, temperature, stop, params)
         self._check()
-        return self._stream(self._client.stream_chat(messages, max_tokens=max_tokens, **params))
+        return self._stream(self._client.stream_chat(messages, **params))
 
     async def complete(
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
+        max_tokens: int = MAX_TOKENS,
+        temperature: float = TEMPERATURE,
         stop: str | Sequence[str] | None = None,
         **params: Any,
     ) -> Completion:
         """Like :meth:`generate`, but waits for the whole text."""
-        params = _generation_params(max_tokens, temperature, stop, params)
+        params = _completion_params(max_tokens, temperature, stop, params)
         prompt = _prompt(prompt)
-        result: Completion = await self._call(self._client.completion, prompt, n_predict=max_tokens, **params)
+        result: Completion = await self._call(self._client.completion, prompt, **params)
         self._finished(result)
         return result
 
@@ -398,3 +395,44 @@ def _generation_params(
     elif stop is not None:
         raise InvalidArgumentError(f"stop must be a string or a sequence of strings, not {stop!r:.80}")
     return params
+
+
+def _completion_params(
+    max_tokens: object, temperature: object, stop: object, params: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``/completion`` parameters of :meth:`TextModel.generate` and :meth:`TextModel.complete` (checked)."""
+    if "n_predict" in params:
+        raise InvalidArgumentError("give the number of tokens to generate as max_tokens, not n_predict")
+    params = _generation_params(max_tokens, temperature, stop, params)
+    return {"n_predict": max_tokens, **params}
+
+
+def _chat_params(
+    messages: object, max_tokens: object, temperature: object, stop: object, params: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``/v1/chat/completions`` parameters of :meth:`TextModel.chat` (checked, ``messages`` too)."""
+    params = _generation_params(max_tokens, temperature, stop, params)
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not all(
+        isinstance(m, Mapping) for m in messages
+    ):
+        raise InvalidArgumentError(
+            f"messages must be a sequence of mappings such as {{'role': 'user', 'content': 'hi'}}, "
+            f"not {messages!r:.80}"
+        )
+    return {"max_tokens": max_tokens, **params}
+
+
+def generate_request_body(
+    prompt: Any, *, max_tokens: object = MAX_TOKENS, temperature: object = TEMPERATURE, stop: object = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """The streamed ``/completion`` body :meth:`TextModel.generate` sends for these arguments (checked)."""
+    return completion_body(prompt, _completion_params(max_tokens, temperature, stop, params))
+
+
+def chat_request_body(
+    messages: Any, *, max_tokens: object = MAX_TOKENS, temperature: object = TEMPERATURE, stop: object = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """The streamed ``/v1/chat/completions`` body :meth:`TextModel.chat` sends for these arguments (checked)."""
+    return chat_body(messages, _chat_params(messages, max_tokens, temperature, stop, params))

@@ -69,13 +69,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 import anyio.abc
 
+from ._client import END_OF_BODY_WAIT, ERROR_BODY_LIMIT, STREAM_PATHS, EventParser, sse_events, status_error
+from ._client import _encode as _encode_body
 from ._exceptions import (
     ClosedError,
+    IncompleteStreamError,
     InvalidArgumentError,
     LlamaprocError,
     ModelNotFoundError,
@@ -86,7 +89,12 @@ from ._exceptions import (
     ShuttingDownError,
     StatusError,
 )
-from ._model import TextModel
+from ._http import UpstreamError
+from ._model import TextModel, chat_request_body, generate_request_body
+from ._types import Completion, Token
+
+if TYPE_CHECKING:
+    from ._http import Upstream, UpstreamResponse
 
 __all__ = ["MAX_IN_FLIGHT", "MAX_LINE", "WRITE_TIMEOUT", "ActiveRequests", "serve_socket"]
 
@@ -162,6 +170,7 @@ async def serve_socket(
     write_timeout: float = WRITE_TIMEOUT,
     max_in_flight: int = MAX_IN_FLIGHT,
     active: ActiveRequests | None = None,
+    client: Upstream | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the socket protocol on the Unix socket ``path`` until cancelled.
@@ -172,12 +181,17 @@ async def serve_socket(
     called once it accepts connections. On cancellation every connection is
     closed (its requests cancelled) and the socket file is removed.
     ``active`` counts the requests in progress.
+
+    ``client`` carries the generate and chat requests to the models'
+    llama-servers, as it does for the HTTP front end (the caller owns it);
+    without one they go through the models' own clients, which cost more per
+    request.
     """
     path = Path(path)
     await anyio.to_thread.run_sync(_clear_stale, path)
     listener = _listen(path)
     ident = _identity(path)
-    options = _Options(pool, metrics, max_line, write_timeout, max_in_flight, active or ActiveRequests())
+    options = _Options(pool, metrics, max_line, write_timeout, max_in_flight, active or ActiveRequests(), client)
     try:
         async with anyio.create_task_group() as tg:
             _log.debug("socket protocol on %s", path)
@@ -253,6 +267,7 @@ class _Options:
     write_timeout: float
     max_in_flight: int
     active: ActiveRequests
+    client: Upstream | None
 
 
 async def _serve_connection(sock: socket.socket, options: _Options) -> None:
@@ -482,23 +497,12 @@ class _Connection:
 
     async def _generate(self, request: _Request) -> dict[str, Any]:
         rid = request.id
-        metrics = self.metrics
-        native = request.op == "generate"
+        client = self.options.client
         async with self.pool.acquire(request.model) as model:
-            if native:
-                stream = model.generate(request.payload, **request.params)
+            if client is None:
+                result = await self._generate_with_model(request, model)
             else:
-                stream = model.chat(request.payload, **request.params)
-            async with stream:
-                async for token in stream:
-                    if request.tokens == 0 and metrics is not None:
-                        metrics.first_token(request.model, time.perf_counter() - request.started)
-                    request.tokens += 1
-                    event: dict[str, Any] = {"id": rid, "event": "token", "text": token.text}
-                    if native and token.id is not None:
-                        event["token_id"] = token.id
-                    await self._send(event)
-            result = stream.result
+                result = await self._generate_upstream(request, model, client)
         # The model is released before "done" goes out: a client that sees "done"
         # sees the pool's accounting without this request.
         if result is None:
@@ -512,6 +516,86 @@ class _Connection:
             "usage": result.usage.model_dump(),
             "timings": None if result.timings is None else result.timings.model_dump(),
         }
+
+    async def _generate_with_model(self, request: _Request, model: TextModel) -> Completion | None:
+        if request.op == "generate":
+            stream = model.generate(request.payload, **request.params)
+        else:
+            stream = model.chat(request.payload, **request.params)
+        async with stream:
+            async for token in stream:
+                await self._token(request, token)
+        return stream.result
+
+    async def _generate_upstream(self, request: _Request, model: TextModel, client: Upstream) -> Completion:
+        """The request sent as ``model.generate``/``model.chat`` would send it, through ``client``.
+
+        Failures become the errors the model's own stream would raise: a
+        crashed child is a ServerCrashedError, a model closed under the request
+        a ClosedError (and the model records them as its last error).
+        """
+        kind: Literal["native", "chat"]
+        if request.op == "generate":
+            kind = "native"
+            body = generate_request_body(request.payload, **request.params)
+        else:
+            kind = "chat"
+            body = chat_request_body(request.payload, **request.params)
+        content = _encode_body(body)
+        model._check()
+        try:
+            result = await self._relay(request, client, model.base_url, STREAM_PATHS[kind], content, EventParser(kind))
+        except LlamaprocError as exc:
+            error = await model._explain(exc)
+            if error is exc:
+                raise
+            raise error from exc
+        model._finished(result)
+        return result
+
+    async def _relay(
+        self, request: _Request, client: Upstream, base_url: str, path: str, content: bytes, parser: EventParser
+    ) -> Completion:
+        """Stream one answer of llama-server to the client as token events; return its summary."""
+        response = await client.post(base_url, path, content, stream=True)
+        try:  # closed however this ends: closing an unfinished stream makes llama-server free the slot
+            if not 200 <= response.status < 300:
+                raise status_error(response.status, await _error_body(response), base_url + path)
+            pending = b""
+            last: Token | None = None  # the final event's text goes out after the end of the body is read
+            try:
+                while not parser.done:
+                    chunk = await response.next_chunk()
+                    if chunk is None:
+                        raise parser.incomplete()
+                    events, pending = sse_events(pending + chunk if pending else chunk)
+                    for data in events:
+                        if parser.done:
+                            parser.after_end(data)
+                            continue
+                        token = parser.parse(data)
+                        if token is not None:
+                            if parser.done:
+                                last = token
+                            else:
+                                await self._token(request, token)
+            except UpstreamError as exc:
+                raise IncompleteStreamError(f"the connection closed before the end of the stream ({exc})") from exc
+            await _read_to_end(response, pending, parser)
+            if last is not None:
+                await self._token(request, last)
+            return parser.summary()
+        finally:
+            response.close()
+
+    async def _token(self, request: _Request, token: Token) -> None:
+        if request.tokens == 0 and self.metrics is not None:
+            self.metrics.first_token(request.model, time.perf_counter() - request.started)
+        request.tokens += 1
+        event: dict[str, Any] = {"id": request.id, "event": "token", "text": token.text}
+        if token.id is not None and request.op == "generate":
+            event["token_id"] = token.id
+        await self._send(event)
 
     async def _embed(self, request: _Request) -> dict[str, Any]:
         async with self.pool.acquire(request.model) as model:
@@ -594,6 +678,39 @@ class _Connection:
         if hung_up:
             self.gone = True
         return hung_up
+
+
+# --- upstream answers ----------------------------------------------------------------------------
+
+
+async def _error_body(response: UpstreamResponse) -> bytes:
+    """The start of an error answer (as much as is readable, up to the limit)."""
+    raw = b""
+    try:
+        while len(raw) <= ERROR_BODY_LIMIT and (chunk := await response.next_chunk()) is not None:
+            raw += chunk
+    except UpstreamError:
+        pass
+    return raw
+
+
+async def _read_to_end(response: UpstreamResponse, pending: bytes, parser: EventParser) -> None:
+    """After the final event, read the end of the body, for a short while at most.
+
+    llama-server ends the body right after the final event; an error event
+    found there raises :class:`StreamError` (as the models' own streams do).
+    """
+    with anyio.move_on_after(END_OF_BODY_WAIT):
+        while True:
+            try:
+                chunk = await response.next_chunk()
+            except UpstreamError:
+                return  # the answer is complete; its connection may close as it likes
+            if chunk is None:
+                return
+            events, pending = sse_events(pending + chunk)
+            for data in events:
+                parser.after_end(data)
 
 
 # --- parsing and encoding ------------------------------------------------------------------------

@@ -704,10 +704,14 @@ def test_idle_model_is_unloaded(tmp_path: Path, tiny_model: Path, backend: Any) 
 
 
 @pytest.mark.anyio
-async def test_sigterm_during_a_stream(tmp_path: Path, tiny_model: Path, backend: Any) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_sigterm_during_a_stream(tmp_path: Path, tiny_model: Path, backend: Any, loop: str) -> None:
+    """Also the daemon on plain asyncio, as where uvloop is not installed (LLAMAPROC_UVLOOP=0)."""
     config = write_config(tmp_path / "serve.toml", {"tiny": {"path": tiny_model, "ctx_size": 4096}})
-    daemon = start_daemon(config, tmp_path / "state")
+    env = {"LLAMAPROC_UVLOOP": "1" if loop == "uvloop" else "0"}
+    daemon = start_daemon(config, tmp_path / "state", env=env)
     try:
+        assert f"({loop} event loop)" in daemon.stderr()
         async with httpx.AsyncClient(base_url=daemon.http, timeout=60) as client:
             first = anyio.Event()
             results: dict[str, StreamResult] = {}

@@ -165,7 +165,7 @@ async def test_upstream_closes_connections_to_a_server_that_went_away() -> None:
 
 
 async def test_upstream_sweeper_runs_without_traffic() -> None:
-    async with Upstream(keepalive_expiry=0.1) as upstream, Server() as server:
+    async with Upstream(keepalive_expiry=0.1, warm_for=0) as upstream, Server() as server:
         response = await upstream.post(server.url, "/v1/completions", b"{}")
         await response.read()
         response.close()
@@ -173,6 +173,47 @@ async def test_upstream_sweeper_runs_without_traffic() -> None:
         with anyio.move_on_after(0.3):
             await upstream.run_sweeper()
         assert upstream.idle_connections() == 0  # expired, and nobody had to ask
+
+
+async def test_upstream_keeps_a_spare_connection_while_an_address_is_in_use() -> None:
+    async with Upstream(keepalive_expiry=0.1, warm_for=0.6) as upstream, Server() as server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(upstream.run_sweeper)
+            response = await upstream.post(server.url, "/v1/completions", b"{}", stream=True)
+            await anyio.sleep(0.02)
+            server.writers[0].close()  # as llama-server does after a streamed answer
+            response.close()
+            await anyio.sleep(0.05)
+            # A spare was opened while the request ran, before anyone needed it.
+            assert upstream.idle_connections() == 1
+            assert len(server.writers) == 2
+            await anyio.sleep(0.25)  # past the keep-alive expiry: renewed, not dropped
+            assert upstream.idle_connections() == 1
+            assert len(server.writers) >= 3
+            response = await upstream.post(server.url, "/v1/completions", b"{}")
+            assert await response.read() == b"{}"  # answered on the spare
+            response.close()
+            await anyio.sleep(0.8)  # no request for longer than warm_for: the address goes cold
+            assert upstream.idle_connections() == 0
+            assert upstream._used == {}
+            tg.cancel_scope.cancel()
+
+
+async def test_upstream_forgets_a_spare_for_a_server_that_stopped() -> None:
+    async with Upstream(keepalive_expiry=0.1, warm_for=60) as upstream, Server() as server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(upstream.run_sweeper)
+            response = await upstream.post(server.url, "/v1/completions", b"{}")
+            await response.read()
+            response.close()
+            assert server.server is not None
+            server.server.close()  # the child stopped: nothing listens on its port any more
+            await server.server.wait_closed()
+            server.close_connections()
+            await anyio.sleep(0.3)
+            assert upstream.idle_connections() == 0  # no spare to a port nobody listens on
+            assert upstream._used == {}
+            tg.cancel_scope.cancel()
 
 
 def test_stop_waits_for_the_drain_timeout_named_in_serve_json(tmp_path: Path) -> None:

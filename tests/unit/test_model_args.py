@@ -145,6 +145,15 @@ async def test_bad_generation_arguments(
 
 
 @pytest.mark.anyio
+async def test_n_predict_is_given_as_max_tokens(model: TextModel, router: respx.MockRouter) -> None:
+    with pytest.raises(InvalidArgumentError, match="as max_tokens, not n_predict"):
+        model.generate("hi", n_predict=3)
+    with pytest.raises(InvalidArgumentError, match="as max_tokens, not n_predict"):
+        await model.complete("hi", n_predict=3)
+    assert router.calls.call_count == 0
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("messages", ["hi", None, [1], [{"role": "user"}, "hi"], {"role": "user"}])
 async def test_bad_messages(model: TextModel, router: respx.MockRouter, messages: Any) -> None:
     with pytest.raises(InvalidArgumentError, match="messages must be"):

@@ -1,0 +1,344 @@
+"""The socket protocol's generate and chat ops sent through the daemon's ``Upstream`` client.
+
+The model is a real :class:`TextModel` around a stand-in process, and its
+llama-server a scripted HTTP server in the test: these tests are about what
+goes to llama-server (the same body as the model's own streams send), how its
+answers become events, and how failures and cancellations end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from llamaproc import LlamaClient, ModelNotFoundError, TextModel
+from llamaproc._backend import Backend
+from llamaproc._http import Upstream
+from llamaproc._process import OutputBuffer
+from llamaproc._socket import serve_socket
+from llamaproc._types import Timings
+
+pytestmark = pytest.mark.anyio  # asyncio only: Upstream is built on asyncio streams
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+TIMINGS = {"prompt_n": 3, "prompt_ms": 1.5, "predicted_n": 2, "predicted_ms": 2.5, "cache_n": 0}
+NATIVE = [
+    {"content": "Once", "tokens": [10], "stop": False},
+    {"content": " upon", "tokens": [11], "stop": False},
+    {
+        "content": "!",
+        "tokens": [],
+        "stop": True,
+        "stop_type": "limit",
+        "tokens_evaluated": 3,
+        "tokens_predicted": 3,
+        "timings": TIMINGS,
+    },
+]
+CHAT = [
+    {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": None}]},
+    {
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        "timings": TIMINGS,
+    },
+    "[DONE]",
+]
+ERROR_EVENT = {"error": {"code": 500, "message": "the slot broke", "type": "server_error"}}
+
+
+def sse(*events: Any) -> bytes:
+    return b"".join(b"data: " + (e if isinstance(e, str) else json.dumps(e)).encode() + b"\n\n" for e in events)
+
+
+class Process:
+    """Stands in for a running ServerProcess."""
+
+    def __init__(self, port: int) -> None:
+        self.pid = 4242
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.returncode: int | None = None
+        self.output = OutputBuffer()
+
+
+class Llama:
+    """A scripted llama-server: records each request and answers it with ``answer``."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, bytes]] = []  # (path, body)
+        self.answer: Answer = stream_answer(sse(*NATIVE))
+        self.hung_up = asyncio.Event()  # a client closed a connection in the middle of an answer
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+            self.requests.append((lines[0].split()[1], await reader.readexactly(int(headers[b"content-length"]))))
+            await self.answer(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.hung_up.set()
+        finally:
+            writer.close()
+
+
+def stream_answer(body: bytes, *, piece: int = 0, cut: bool = False, then: Callable[[], None] | None = None) -> Answer:
+    """A chunked SSE answer, in HTTP chunks of ``piece`` bytes (0: one chunk per event);
+    ``cut`` drops the connection instead of ending the body, after calling ``then``."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        parts = [e + b"\n\n" for e in body.split(b"\n\n") if e] if not piece else [
+            body[i : i + piece] for i in range(0, len(body), piece)
+        ]
+        for part in parts:
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        if then is not None:
+            then()
+        if cut:
+            writer.transport.abort()
+            return
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return answer
+
+
+def endless_answer() -> Answer:
+    """A token every 10 ms until the client goes away."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        event = sse({"content": "x", "tokens": [1], "stop": False})
+        while True:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+
+    return answer
+
+
+def status_answer(status: int, body: Any) -> Answer:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = json.dumps(body).encode()
+        writer.write(
+            b"HTTP/1.1 %d Oops\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, len(raw), raw)
+        )
+        await writer.drain()
+
+    return answer
+
+
+class Pool:
+    closed = False
+
+    def __init__(self, model: TextModel) -> None:
+        self.model = model
+
+    def status(self) -> list[Any]:
+        return []
+
+    @asynccontextmanager
+    async def acquire(self, name: str) -> AsyncIterator[TextModel]:
+        if name != "m":
+            raise ModelNotFoundError(f"no model named {name!r}")
+        yield self.model
+
+
+class Conn:
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def send(self, request: dict[str, Any]) -> None:
+        await self.stream.send(json.dumps(request).encode() + b"\n")
+
+    async def event(self) -> dict[str, Any]:
+        with anyio.fail_after(5):
+            while b"\n" not in self.buf:
+                self.buf += await self.stream.receive()
+        line, _, self.buf = self.buf.partition(b"\n")
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+    async def until_final(self, rid: Any) -> list[dict[str, Any]]:
+        events = []
+        while True:
+            event = await self.event()
+            if event["id"] == rid:
+                events.append(event)
+                if event["event"] in ("done", "result", "error"):
+                    return events
+
+
+@pytest.fixture
+async def llama() -> AsyncIterator[Llama]:
+    yield Llama()
+
+
+@asynccontextmanager
+async def setup(llama: Llama, tmp_path: Path) -> AsyncIterator[tuple[TextModel, Process, Path]]:
+    """A TextModel on the scripted llama-server, and the socket server in front of it."""
+    server = await asyncio.start_server(llama.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    process = Process(port)
+    stand_in: Any = process
+    backend = Backend(binary=tmp_path / "llama-server", flavour="cpu")
+    model = TextModel(stand_in, LlamaClient(process.base_url), path=tmp_path / "m.gguf", backend=backend)
+    path = tmp_path / "s.sock"
+    try:
+        async with Upstream(warm_for=0) as client, anyio.create_task_group() as tg:
+            await tg.start(partial(serve_socket, Pool(model), path, client=client))
+            yield model, process, path
+            tg.cancel_scope.cancel()
+    finally:
+        await model._client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+@asynccontextmanager
+async def connected(path: Path) -> AsyncIterator[Conn]:
+    async with await anyio.connect_unix(path) as stream:
+        yield Conn(stream)
+
+
+PARAMS: dict[str, Any] = {"max_tokens": 3, "temperature": 0.5, "stop": "\n", "seed": 42, "top_k": 5}
+
+
+async def test_generate_sends_what_the_model_sends_and_streams_tokens_with_ids(llama: Llama, tmp_path: Path) -> None:
+    llama.answer = stream_answer(sse(*NATIVE), piece=7)  # events split across HTTP chunks
+    async with setup(llama, tmp_path) as (model, _, path), connected(path) as c:
+        async with model.generate("Once", **PARAMS) as stream:
+            direct = [(t.text, t.id) async for t in stream]
+        await c.send({"id": 1, "op": "generate", "model": "m", "prompt": "Once", **PARAMS})
+        events = await c.until_final(1)
+    assert llama.requests[0] == llama.requests[1]  # the same path and body bytes
+    assert llama.requests[1][0] == b"/completion"
+    assert json.loads(llama.requests[1][1])["return_tokens"] is True
+    assert direct == [("Once", 10), (" upon", 11), ("!", None)]
+    assert stream.result is not None and stream.result.usage.completion_tokens == 3
+    assert [(e["event"], e["text"], e.get("token_id")) for e in events[:-1]] == [
+        ("token", "Once", 10),
+        ("token", " upon", 11),
+        ("token", "!", None),
+    ]
+    assert "token_id" not in events[2]
+    assert events[-1] == {
+        "id": 1,
+        "event": "done",
+        "finish_reason": "limit",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+        "timings": Timings.model_validate(TIMINGS).model_dump(),
+    }
+    assert model.last_metrics is not None and model.last_metrics.decode_ms == 2.5
+
+
+async def test_chat_sends_what_the_model_sends(llama: Llama, tmp_path: Path) -> None:
+    llama.answer = stream_answer(sse(*CHAT))
+    messages = [{"role": "user", "content": "hi"}]
+    async with setup(llama, tmp_path) as (model, _, path), connected(path) as c:
+        async with model.chat(messages, **PARAMS) as stream:
+            direct = [t.text async for t in stream]
+        await c.send({"id": "c", "op": "chat", "model": "m", "messages": messages, **PARAMS})
+        events = await c.until_final("c")
+    assert llama.requests[0] == llama.requests[1]
+    assert llama.requests[1][0] == b"/v1/chat/completions"
+    assert direct == ["Hi", " there"]
+    assert [e["text"] for e in events[:-1]] == direct and all("token_id" not in e for e in events[:-1])
+    assert events[-1]["finish_reason"] == "length"
+    assert events[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert events[-1]["timings"]["predicted_ms"] == 2.5
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "message"),
+    [
+        (status_answer(400, {"error": {"message": "n_probs is bad"}}), "bad_request", "answered 400"),
+        (status_answer(503, {"error": {"message": "Loading model"}}), "unavailable", "answered 503"),
+        (status_answer(500, {"error": {"message": "oops"}}), "server_error", "answered 500"),
+        (stream_answer(sse(NATIVE[0], ERROR_EVENT)), "server_error", "the slot broke"),
+        (stream_answer(sse(NATIVE[0])), "server_error", "without its final event"),
+        (stream_answer(sse(NATIVE[0]), cut=True), "server_error", "closed before the end of the stream"),
+        (stream_answer(sse(NATIVE[0], {"content": "", "stop": True}, ERROR_EVENT)), "server_error", "slot broke"),
+        (stream_answer(b"data: {oops\n\n"), "server_error", "malformed answer"),
+    ],
+    ids=["400", "503-loading", "500", "error-event", "no-final-event", "cut", "error-after-the-end", "malformed"],
+)
+async def test_failures_end_with_one_error_event(
+    llama: Llama, tmp_path: Path, answer: Answer, code: str, message: str
+) -> None:
+    llama.answer = answer
+    async with setup(llama, tmp_path) as (model, _, path), connected(path) as c:
+        await c.send({"id": 1, "op": "generate", "model": "m", "prompt": "x"})
+        events = await c.until_final(1)
+        assert [e["event"] for e in events] == ["token"] * (len(events) - 1) + ["error"]
+        assert len(events) <= 2  # the first token at most (an answer that fails after its end sends no more)
+        assert events[-1]["code"] == code and message in events[-1]["message"], events[-1]
+        assert model.last_error is not None
+        # The connection keeps working.
+        llama.answer = stream_answer(sse(*NATIVE))
+        await c.send({"id": 1, "op": "generate", "model": "m", "prompt": "x"})
+        assert (await c.until_final(1))[-1]["event"] == "done"
+
+
+async def test_a_crashed_child_is_named_with_its_exit_code(llama: Llama, tmp_path: Path) -> None:
+    async with setup(llama, tmp_path) as (model, process, path), connected(path) as c:
+
+        def crash() -> None:
+            process.returncode = -9
+
+        llama.answer = stream_answer(sse(NATIVE[0]), cut=True, then=crash)
+        await c.send({"id": 1, "op": "generate", "model": "m", "prompt": "x"})
+        events = await c.until_final(1)
+        assert [e["event"] for e in events] == ["token", "error"]
+        assert events[-1]["code"] == "server_error"
+        assert events[-1]["message"] == "llama-server (pid 4242) exited with code -9"
+        # Later requests are refused at once, without reaching llama-server.
+        await c.send({"id": 2, "op": "chat", "model": "m", "messages": [{"role": "user", "content": "x"}]})
+        event = await c.event()
+        assert (event["code"], event["message"]) == ("server_error", "llama-server (pid 4242) exited with code -9")
+    assert len(llama.requests) == 1
+
+
+async def test_bad_arguments_are_bad_requests_before_anything_is_sent(llama: Llama, tmp_path: Path) -> None:
+    async with setup(llama, tmp_path) as (_, _, path), connected(path) as c:
+        for i, bad in enumerate([{"max_tokens": -5}, {"n_predict": 3}, {"temperature": float("nan")}]):
+            await c.send({"id": i, "op": "generate", "model": "m", "prompt": "x", **bad})
+            event = await c.event()
+            assert (event["id"], event["code"]) == (i, "bad_request"), event
+    assert llama.requests == []
+
+
+@pytest.mark.parametrize("how", ["cancel", "disconnect"])
+async def test_cancelling_closes_the_upstream_connection(llama: Llama, tmp_path: Path, how: str) -> None:
+    llama.answer = endless_answer()
+    async with setup(llama, tmp_path) as (_, _, path):
+        async with connected(path) as c:
+            await c.send({"id": "long", "op": "generate", "model": "m", "prompt": "x"})
+            assert (await c.event())["event"] == "token"
+            if how == "cancel":
+                await c.send({"op": "cancel", "id": "long"})
+                final = await c.until_final("long")
+                assert (final[-1]["event"], final[-1]["code"]) == ("error", "cancelled")
+        with anyio.fail_after(2):
+            await llama.hung_up.wait()
