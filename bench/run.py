@@ -66,7 +66,7 @@ def _value(r: Result) -> str:
     if r.compare == "ratio":
         return f"{r.value:.3f}"
     if r.compare == "diff":
-        return f"{r.value:+.1f} {r.unit}"
+        return f"{r.value:+.{1 if abs(r.value) >= 10 else 2}f} {r.unit}"
     return "-" if not r.baseline else f"{r.subject / r.baseline:.2f}"
 
 

@@ -111,10 +111,19 @@ class UpstreamResponse:
     other (which tells llama-server to stop generating).
     """
 
-    __slots__ = ("_chunked", "_conn", "_done", "_keep", "_pool", "_remaining", "headers", "status")
+    __slots__ = ("_address", "_chunked", "_conn", "_done", "_keep", "_pool", "_remaining", "headers", "status")
 
-    def __init__(self, pool: Upstream, conn: _Connection, status: int, headers: dict[bytes, bytes], keep: bool) -> None:
+    def __init__(
+        self,
+        pool: Upstream,
+        address: tuple[str, int],
+        conn: _Connection,
+        status: int,
+        headers: dict[bytes, bytes],
+        keep: bool,
+    ) -> None:
         self._pool = pool
+        self._address = address
         self._conn: _Connection | None = conn
         self.status = status
         self.headers = headers
@@ -188,6 +197,7 @@ class UpstreamResponse:
             self._pool._put_back(conn)
         else:
             conn.close()
+        self._pool._answered(self._address)
 
 
 class Upstream:
@@ -218,7 +228,9 @@ class Upstream:
     llama-server to accept. While :meth:`run_sweeper` runs, an address that
     had a request in the last ``warm_for`` seconds keeps one connection
     opened ahead of need (idle, counted in ``max_idle``; renewed as it
-    expires), so the next request finds it ready. A spare that cannot be
+    expires), so the next request finds it ready. It is opened when an
+    answer ends, not while it streams: on a small machine the daemon's work
+    during a request delays llama-server's first token. A spare that cannot be
     opened (the child has stopped) makes the address cold until its next
     request. ``warm_for=0`` turns spares off.
     """
@@ -300,6 +312,12 @@ class Upstream:
             if time.monotonic() - self._swept >= self.keepalive_expiry / 2:
                 self.sweep()
             await self._open_spares()
+
+    def _answered(self, address: tuple[str, int]) -> None:
+        """An answer from ``address`` ended: open a spare for the next request, now that it is not
+        competing with this one for the CPU."""
+        if self.warm_for > 0 and not self._idle.get(address) and address in self._used:
+            self._want(address)
 
     def _want(self, address: tuple[str, int]) -> None:
         self._wanted.add(address)
@@ -386,8 +404,6 @@ class Upstream:
         while True:
             conn = self._take(address)
             reused = conn is not None
-            if self.warm_for > 0 and not self._idle.get(address):
-                self._want(address)  # the next request finds a spare
             if conn is None:
                 conn = await self._connect(address)
             try:
@@ -403,12 +419,12 @@ class Upstream:
                 conn.close()
                 raise
             try:
-                return self._response(conn, raw, stream)
+                return self._response(address, conn, raw, stream)
             except (ValueError, UpstreamError) as exc:
                 conn.close()
                 raise UpstreamError(f"malformed answer from {address[0]}:{address[1]}: {exc}") from exc
 
-    def _response(self, conn: _Connection, raw: bytes, stream: bool) -> UpstreamResponse:
+    def _response(self, address: tuple[str, int], conn: _Connection, raw: bytes, stream: bool) -> UpstreamResponse:
         lines = raw.split(b"\r\n")
         version, status, _ = (lines[0].split(b" ", 2) + [b""])[:3]
         headers: dict[bytes, bytes] = {}
@@ -422,7 +438,7 @@ class Upstream:
             and headers.get(b"connection", b"").lower() != b"close"
             and not headers.get(b"content-type", b"").startswith(b"text/event-stream")
         )
-        return UpstreamResponse(self, conn, int(status), headers, keep)
+        return UpstreamResponse(self, address, conn, int(status), headers, keep)
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ async def test_upstream_keeps_a_spare_connection_while_an_address_is_in_use() ->
             server.writers[0].close()  # as llama-server does after a streamed answer
             response.close()
             await anyio.sleep(0.05)
-            # A spare was opened while the request ran, before anyone needed it.
+            # A spare was opened when the answer ended, before anyone needed it.
             assert upstream.idle_connections() == 1
             assert len(server.writers) == 2
             await anyio.sleep(0.25)  # past the keep-alive expiry: renewed, not dropped
