@@ -642,9 +642,11 @@ async def test_idle_models_are_unloaded() -> None:
         async with pool.acquire("a"):
             await anyio.sleep(0.4)  # in use: not idle
             assert loader.loaded() == ["a"]
-        await wait_until(lambda: loader.loaded() == [], timeout=2)
-        assert pool.stats.idle_unloads == 1
-        assert status(pool, "a").phase == Phase.PENDING
+        # The model's process is gone a moment before the unload is complete and counted.
+        await wait_until(
+            lambda: loader.loaded() == [] and status(pool, "a").phase == Phase.PENDING and pool.stats.idle_unloads == 1,
+            timeout=2,
+        )
         async with pool.acquire("a"):  # loads again on demand
             pass
         assert len(loader.calls) == 2
