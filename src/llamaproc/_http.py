@@ -147,7 +147,7 @@ class UpstreamResponse:
         return self.headers.get(b"content-type", b"application/json")
 
     async def next_chunk(self) -> bytes | None:
-        """The next piece of the body, ``None`` at its end."""
+        """The next piece of the body (for a chunked answer, its next chunk), ``None`` at its end."""
         if self._done:
             return None
         conn = self._conn
@@ -158,12 +158,16 @@ class UpstreamResponse:
             if self._chunked:
                 line = await reader.readuntil(b"\r\n")
                 size = int(line.split(b";", 1)[0], 16)
-                if size == 0:
+                if size <= 0:
+                    if size < 0:
+                        raise ValueError(f"negative chunk size {size}")
                     while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
                         pass
                     self._done = True
                     return None
                 data = await reader.readexactly(size + 2)
+                if data[-2:] != b"\r\n":
+                    raise ValueError("no CRLF after a chunk")
                 return data[:-2]
             if self._remaining is None:
                 data = await reader.read(65536)

@@ -18,7 +18,7 @@ import pytest
 from starlette.types import Message
 
 from llamaproc._daemon_cli import STOP_TIMEOUT, _default_stop_timeout
-from llamaproc._http import Upstream, _Call, _State
+from llamaproc._http import Upstream, UpstreamError, UpstreamResponse, _Call, _Connection, _State
 from llamaproc._metrics import ServeMetrics
 
 pytestmark = pytest.mark.anyio
@@ -214,6 +214,64 @@ async def test_upstream_forgets_a_spare_for_a_server_that_stopped() -> None:
             assert upstream.idle_connections() == 0  # no spare to a port nobody listens on
             assert upstream._used == {}
             tg.cancel_scope.cancel()
+
+
+class NullWriter:
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def chunked_response(pieces: list[bytes], *, eof: bool = True) -> UpstreamResponse:
+    """A chunked answer whose body arrives in ``pieces`` (then end of file if ``eof``)."""
+    reader = asyncio.StreamReader()
+    for piece in pieces:
+        reader.feed_data(piece)
+    if eof:
+        reader.feed_eof()
+    conn = _Connection(reader, NullWriter())  # type: ignore[arg-type]
+    return UpstreamResponse(Upstream(), ("127.0.0.1", 1), conn, 200, {b"transfer-encoding": b"chunked"}, True)
+
+
+async def body_of(response: UpstreamResponse) -> tuple[bytes, int]:
+    parts = []
+    while (part := await response.next_chunk()) is not None:
+        parts.append(part)
+    return b"".join(parts), len(parts)
+
+
+WIRE = b"7\r\ndata: a\r\n19;ext=1\r\n\ndata: {\"content\":\"bc\"}\n\n\r\n0\r\nX-Trailer: 1\r\n\r\n"
+BODY = b"data: a\ndata: {\"content\":\"bc\"}\n\n"
+
+
+async def test_chunked_answers_are_unframed_however_they_are_split() -> None:
+    for i in range(len(WIRE) + 1):
+        for j in range(i, len(WIRE) + 1):
+            response = chunked_response([WIRE[:i], WIRE[i:j], WIRE[j:]])
+            assert await body_of(response) == (BODY, 2)  # one piece per chunk
+            assert response._done and response._keep
+    # A chunk goes on as soon as it is whole, before the rest of the answer arrives.
+    response = chunked_response([WIRE[:14]], eof=False)
+    assert await response.next_chunk() == b"data: a"
+    assert response._conn is not None
+    response._conn.reader.feed_data(WIRE[14:])
+    response._conn.reader.feed_eof()
+    assert await response.next_chunk() == BODY[7:]
+    assert await response.next_chunk() is None
+
+
+async def test_bad_chunked_framing_is_an_upstream_error() -> None:
+    for wire in (
+        b"zz\r\nabc\r\n0\r\n\r\n",  # not a hex size
+        b"3\r\nabcXY0\r\n\r\n",  # no CRLF after the data
+        b"-3\r\nabc\r\n0\r\n\r\n",  # negative size
+        b"9" * 70000,  # a size line that never ends
+        b"3\r\nabc\r\n",  # cut before the last chunk
+    ):
+        with pytest.raises(UpstreamError):
+            await body_of(chunked_response([wire]))
 
 
 def test_stop_waits_for_the_drain_timeout_named_in_serve_json(tmp_path: Path) -> None:
