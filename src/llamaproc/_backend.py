@@ -102,6 +102,17 @@ def _bundled() -> Iterator[tuple[str, Path]]:
             yield package, candidate
 
 
+def _explicit(given: str, message: str, searched: str) -> Path:
+    """The binary a caller named: a usable file, or a command on ``PATH``; else BinaryNotFoundError."""
+    path = Path(given).expanduser()
+    if _usable(path):
+        return path
+    found = shutil.which(given)
+    if found is None:
+        raise BinaryNotFoundError(message, searched=[searched])
+    return Path(found)
+
+
 def _usable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
@@ -113,30 +124,27 @@ def find_backend(binary: str | os.PathLike[str] | None = None) -> Backend:
     executable raises at once: an explicit choice is never passed over.
     """
     searched: list[str] = []
+    # An explicit choice that names no usable binary is a mistake to report, not to skip.
     if binary is not None:
-        path = Path(binary).expanduser()
-        if not _usable(path):
-            found = shutil.which(os.fspath(binary))
-            if found is None:
-                raise BinaryNotFoundError(
-                    f"llama-server binary {os.fspath(binary)!r} does not exist or is not executable",
-                    searched=[f"argument binary={os.fspath(binary)!r}"],
-                )
-            path = Path(found)
-        return _make(path, "argument")
+        given = os.fspath(binary)
+        return _make(
+            _explicit(
+                given,
+                f"llama-server binary {given!r} does not exist or is not executable",
+                f"argument binary={given!r}",
+            ),
+            "argument",
+        )
     from_env = os.environ.get(ENV_BINARY)
     if from_env:
-        # An explicit setting that names no usable binary is a mistake to report, not to skip.
-        path = Path(from_env).expanduser()
-        if not _usable(path):
-            found = shutil.which(from_env)
-            if found is None:
-                raise BinaryNotFoundError(
-                    f"${ENV_BINARY}={from_env!r} does not name an executable file",
-                    searched=[f"${ENV_BINARY}={from_env} (not an executable file)"],
-                )
-            path = Path(found)
-        return _make(path, "environment")
+        return _make(
+            _explicit(
+                from_env,
+                f"${ENV_BINARY}={from_env!r} does not name an executable file",
+                f"${ENV_BINARY}={from_env} (not an executable file)",
+            ),
+            "environment",
+        )
     searched.append(f"${ENV_BINARY} (not set)")
     on_path = shutil.which("llama-server")
     if on_path:

@@ -25,6 +25,7 @@ from llamaproc._http import Upstream
 from llamaproc._process import OutputBuffer
 from llamaproc._socket import serve_socket
 from llamaproc._types import Timings
+from test_socket_protocol import Client
 
 pytestmark = pytest.mark.anyio  # asyncio only: Upstream is built on asyncio streams
 
@@ -164,32 +165,6 @@ class Pool:
         yield self.model
 
 
-class Conn:
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
-        self.stream = stream
-        self.buf = b""
-
-    async def send(self, request: dict[str, Any]) -> None:
-        await self.stream.send(json.dumps(request).encode() + b"\n")
-
-    async def event(self) -> dict[str, Any]:
-        with anyio.fail_after(5):
-            while b"\n" not in self.buf:
-                self.buf += await self.stream.receive()
-        line, _, self.buf = self.buf.partition(b"\n")
-        event: dict[str, Any] = json.loads(line)
-        return event
-
-    async def until_final(self, rid: Any) -> list[dict[str, Any]]:
-        events = []
-        while True:
-            event = await self.event()
-            if event["id"] == rid:
-                events.append(event)
-                if event["event"] in ("done", "result", "error"):
-                    return events
-
-
 @pytest.fixture
 async def llama() -> AsyncIterator[Llama]:
     yield Llama()
@@ -217,9 +192,9 @@ async def setup(llama: Llama, tmp_path: Path) -> AsyncIterator[tuple[TextModel, 
 
 
 @asynccontextmanager
-async def connected(path: Path) -> AsyncIterator[Conn]:
+async def connected(path: Path) -> AsyncIterator[Client]:
     async with await anyio.connect_unix(path) as stream:
-        yield Conn(stream)
+        yield Client(stream)
 
 
 PARAMS: dict[str, Any] = {"max_tokens": 3, "temperature": 0.5, "stop": "\n", "seed": 42, "top_k": 5}
