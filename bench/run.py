@@ -87,7 +87,7 @@ def table(results: list[Result], errors: dict[str, str]) -> str:
     ]
     rows += [[name, "error", "-", "-", "-", "NO"] for name in errors]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     legend = ["", "ratio/Δ: median of per-round subject/baseline ratios (Δ: differences); rounds alternate the order."]
     if any(r.compare == "abs" for r in results):

@@ -10,10 +10,9 @@
                 print(tok.text, end="")
 """
 
-from ._backend import Backend, discover, find_backend, read_gguf_info
-from ._client import LlamaClient, TokenStream
-from ._config import ModelConfig, ServeConfig, load_config
-from ._exceptions import (
+from .backend import Backend, discover, find_backend, read_gguf_info
+from .client import LlamaClient, TokenStream
+from .errors import (
     AlreadyRunningError,
     BinaryNotFoundError,
     ClosedError,
@@ -23,6 +22,7 @@ from ._exceptions import (
     DaemonRequestError,
     IncompleteStreamError,
     InvalidArgumentError,
+    ListenError,
     LlamaprocError,
     ModelFileError,
     ModelNotFoundError,
@@ -41,11 +41,20 @@ from ._exceptions import (
     TransportError,
     UsageError,
 )
-from ._model import TextModel, load_model
-from ._pool import ModelPool, PoolStats
-from ._process import ServerProcess
-from ._supervisor import Condition, ModelStatus, Phase, Supervisor
-from ._types import Completion, GGUFInfo, Health, ModelInfo, RequestMetrics, Timings, Token, Usage
+from .model import TextModel, load_model
+from .process import ServerProcess
+from .runtime import (
+    Condition,
+    ModelConfig,
+    ModelPool,
+    ModelStatus,
+    Phase,
+    PoolStats,
+    ServeConfig,
+    Supervisor,
+    load_config,
+)
+from .types import Completion, GGUFInfo, Health, ModelInfo, RequestMetrics, Timings, Token, Usage
 
 __version__ = "0.1.0"
 
@@ -64,6 +73,7 @@ __all__ = [
     "Health",
     "IncompleteStreamError",
     "InvalidArgumentError",
+    "ListenError",
     "LlamaClient",
     "LlamaprocError",
     "ModelConfig",

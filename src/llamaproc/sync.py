@@ -25,11 +25,11 @@ from typing import Any
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._client import TokenStream
-from ._exceptions import LlamaprocError
-from ._model import TextModel
-from ._model import load_model as _async_load_model
-from ._types import Completion, ModelInfo, RequestMetrics, Token
+from .client import TokenStream
+from .errors import LlamaprocError
+from .model import TextModel
+from .model import load_model as _async_load_model
+from .types import Completion, ModelInfo, RequestMetrics, Token
 
 __all__ = ["SyncTextModel", "load_model"]
 

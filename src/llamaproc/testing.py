@@ -59,7 +59,7 @@ def _vocab() -> tuple[list[str], list[int], list[float]]:
             tokens.append(piece)
             types.append(TokenType.NORMAL)
     # Longer pieces score higher, so the tokenizer prefers whole words.
-    scores = [0.0 if t != TokenType.NORMAL else -100.0 + len(tok) for tok, t in zip(tokens, types)]
+    scores = [0.0 if t != TokenType.NORMAL else -100.0 + len(tok) for tok, t in zip(tokens, types, strict=False)]
     return tokens, types, scores
 
 

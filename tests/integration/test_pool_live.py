@@ -17,10 +17,8 @@ import psutil
 import pytest
 
 import llamaproc
-from llamaproc._config import ServeConfig
-from llamaproc._exceptions import ModelUnavailableError, QueueFullError, ShuttingDownError
-from llamaproc._pool import ModelPool, estimate_memory
-from llamaproc._supervisor import ModelStatus, Phase
+from llamaproc.errors import ModelUnavailableError, QueueFullError, ShuttingDownError
+from llamaproc.runtime import ModelPool, ModelStatus, Phase, ServeConfig, estimate_memory
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,8 @@ import psutil
 import pytest
 
 import llamaproc
-from llamaproc._config import ModelConfig
-from llamaproc._exceptions import ModelUnavailableError
-from llamaproc._supervisor import Phase, Supervisor
+from llamaproc.errors import ModelUnavailableError
+from llamaproc.runtime import ModelConfig, Phase, Supervisor
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +33,7 @@ def gone(pid: int) -> bool:
         return True
 
 
-def conditions(sup: Supervisor) -> dict[str, llamaproc._supervisor.Condition]:
+def conditions(sup: Supervisor) -> dict[str, llamaproc.Condition]:
     return {c.type: c for c in sup.conditions}
 
 

@@ -104,7 +104,7 @@ server.serve_forever()
 # argv[1] is the fake server script, the rest are its arguments.
 PARENT = r"""
 import sys, anyio
-from llamaproc._process import ServerProcess
+from llamaproc.process import ServerProcess
 
 async def main():
     proc = await ServerProcess.start(sys.executable, ["-c", *sys.argv[1:]], startup_timeout=10)

@@ -1429,7 +1429,7 @@ async def test_aclose_from_another_task_while_the_request_waits_for_an_answer() 
 
 OUR_GENERATOR_GC_WARNING = pytest.mark.filterwarnings(
     # trio warns about any async generator left to the garbage collector, ours included.
-    r"ignore:Async generator 'llamaproc\._client\._iterate':ResourceWarning"
+    r"ignore:Async generator 'llamaproc\.client\._client\._iterate':ResourceWarning"
 )
 
 

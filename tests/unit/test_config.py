@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from llamaproc._config import ConfigError, ModelConfig, ServeConfig, load_config, parse_duration, parse_size
-from llamaproc._exceptions import LlamaprocError
+from llamaproc import ConfigError
+from llamaproc.errors import LlamaprocError
+from llamaproc.runtime import ModelConfig, ServeConfig, load_config, parse_duration, parse_size
 
 
 def write(tmp_path: Path, text: str, *, model: str = "tiny.gguf") -> Path:

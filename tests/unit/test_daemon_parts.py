@@ -17,9 +17,9 @@ import anyio
 import pytest
 from starlette.types import Message
 
-from llamaproc._daemon_cli import STOP_TIMEOUT, _default_stop_timeout
-from llamaproc._http import Upstream, UpstreamError, UpstreamResponse, _Call, _Connection, _State
-from llamaproc._metrics import ServeMetrics
+from llamaproc.cli._daemon_cli import STOP_TIMEOUT, _default_stop_timeout
+from llamaproc.serve import ServeMetrics
+from llamaproc.serve._http import Upstream, UpstreamError, UpstreamResponse, _Call, _Connection, _State
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-import llamaproc._exceptions as exceptions
-from llamaproc._exceptions import LlamaprocError
+import llamaproc.errors as exceptions
+from llamaproc.errors import LlamaprocError
 
 # One instance of each class, made as llamaproc makes them (keyword arguments included).
 SAMPLES: dict[str, Any] = {
@@ -31,6 +31,7 @@ SAMPLES: dict[str, Any] = {
     "ModelFileError": lambda cls: cls("not a GGUF file"),
     "ConfigError": lambda cls: cls("bad key", path="/etc/serve.toml", problems=("a: bad", "b: worse")),
     "AlreadyRunningError": lambda cls: cls(Path("/run/llamaproc.pid"), 99),
+    "ListenError": lambda cls: cls("127.0.0.1:8484", OSError(98, "Address already in use")),
     "PoolError": lambda cls: cls("pool"),
     "ModelNotFoundError": lambda cls: cls("no model 'x'"),
     "ModelUnavailableError": lambda cls: cls("failed"),

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
 
 import llamaproc
-from llamaproc._gguf import GGUFArray, read_metadata
+from llamaproc.backend._gguf import GGUFArray, read_metadata
 from llamaproc.testing import write_tiny_model
 
 # -- reference: what GGUFReader says ------------------------------------------------------------------

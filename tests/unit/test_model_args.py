@@ -13,8 +13,8 @@ import respx
 
 import llamaproc
 from llamaproc import InvalidArgumentError, LlamaClient, TextModel
-from llamaproc._backend import Backend
-from llamaproc._process import OutputBuffer
+from llamaproc.backend import Backend
+from llamaproc.process import OutputBuffer
 
 BASE = "http://llama.test"
 FINAL = {"content": "", "tokens": [], "stop": True, "stop_type": "limit", "tokens_evaluated": 1, "tokens_predicted": 0}

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from llamaproc._exceptions import LlamaprocError, UsageError
-from llamaproc._pidlock import AlreadyRunningError, PidLock, read_pid
+from llamaproc import AlreadyRunningError
+from llamaproc.errors import LlamaprocError, UsageError
+from llamaproc.runtime import PidLock, read_pid
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 HOLDER = """
 import sys, time
-from llamaproc._pidlock import PidLock
+from llamaproc.runtime import PidLock
 lock = PidLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)

@@ -18,16 +18,14 @@ import anyio.lowlevel
 import pytest
 
 from llamaproc import StartupError
-from llamaproc._config import ModelConfig, ServeConfig
-from llamaproc._exceptions import (
+from llamaproc.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     QueueFullError,
     ShuttingDownError,
     UsageError,
 )
-from llamaproc._pool import ModelPool, estimate_memory
-from llamaproc._supervisor import Phase, Supervisor
+from llamaproc.runtime import ModelConfig, ModelPool, Phase, ServeConfig, Supervisor, estimate_memory
 from llamaproc.testing import write_tiny_model
 
 

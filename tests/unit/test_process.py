@@ -20,8 +20,8 @@ import psutil
 import pytest
 from fakes import FAKE_SERVER, PARENT, PYTHON, fake_args
 
-from llamaproc._exceptions import LlamaprocError, StartupError, StartupTimeoutError
-from llamaproc._process import OutputBuffer, ServerProcess
+from llamaproc.errors import LlamaprocError, StartupError, StartupTimeoutError
+from llamaproc.process import OutputBuffer, ServerProcess
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 BOTH_BACKENDS = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])

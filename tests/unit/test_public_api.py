@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import llamaproc
-import llamaproc._exceptions as exceptions
+import llamaproc.errors as exceptions
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -32,3 +34,19 @@ def test_every_error_derives_from_the_root() -> None:
 
 def test_misuse_errors_are_runtime_errors() -> None:
     assert issubclass(llamaproc.ClosedError, RuntimeError)
+
+
+def test_the_library_does_not_load_the_daemon() -> None:
+    """`import llamaproc` (and loading a model) costs nothing of the daemon's extra."""
+    code = (
+        "import sys, llamaproc, llamaproc.sync, llamaproc.testing\n"
+        "heavy = ('starlette', 'uvicorn', 'uvloop', 'prometheus_client', 'httptools', 'llamaproc.serve')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith('llamaproc.serve')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_errors_of_every_part_derive_from_the_root() -> None:
+    assert issubclass(llamaproc.ListenError, llamaproc.LlamaprocError)
+    assert issubclass(llamaproc.ListenError, OSError)

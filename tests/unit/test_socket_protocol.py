@@ -26,7 +26,7 @@ import anyio.abc
 import pytest
 from pydantic import BaseModel
 
-from llamaproc._daemon_cli import (
+from llamaproc.cli._daemon_cli import (
     DaemonClient,
     DaemonNotRunningError,
     DaemonRequestError,
@@ -34,7 +34,7 @@ from llamaproc._daemon_cli import (
     cmd_ps,
     format_table,
 )
-from llamaproc._exceptions import (
+from llamaproc.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     QueueFullError,
@@ -42,8 +42,8 @@ from llamaproc._exceptions import (
     ShuttingDownError,
     StatusError,
 )
-from llamaproc._socket import serve_socket
-from llamaproc._types import Completion, Timings, Token, Usage
+from llamaproc.serve._socket import serve_socket
+from llamaproc.types import Completion, Timings, Token, Usage
 
 pytestmark = pytest.mark.anyio
 
@@ -807,7 +807,7 @@ def test_ps_table_times() -> None:
 
 
 def test_cmd_stop_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from llamaproc._daemon_cli import cmd_stop
+    from llamaproc.cli._daemon_cli import cmd_stop
 
     assert cmd_stop(argparse.Namespace(state_dir=str(tmp_path), socket=None)) == 1
     assert "not running" in capsys.readouterr().err
@@ -815,8 +815,8 @@ def test_cmd_stop_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_stop_accepts_a_timeout_and_bad_arguments_map_to_bad_request() -> None:
     from llamaproc import InvalidArgumentError
-    from llamaproc._cli import _parser
-    from llamaproc._socket import _code
+    from llamaproc.cli._main import _parser
+    from llamaproc.serve._socket import _code
 
     assert _parser().parse_args(["stop", "--timeout", "2.5"]).timeout == 2.5
     assert _parser().parse_args(["stop"]).timeout is None

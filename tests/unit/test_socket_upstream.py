@@ -18,14 +18,14 @@ from typing import Any
 
 import anyio
 import pytest
+from test_socket_protocol import Client
 
 from llamaproc import LlamaClient, ModelNotFoundError, TextModel
-from llamaproc._backend import Backend
-from llamaproc._http import Upstream
-from llamaproc._process import OutputBuffer
-from llamaproc._socket import serve_socket
-from llamaproc._types import Timings
-from test_socket_protocol import Client
+from llamaproc.backend import Backend
+from llamaproc.process import OutputBuffer
+from llamaproc.serve._http import Upstream
+from llamaproc.serve._socket import serve_socket
+from llamaproc.types import Timings
 
 pytestmark = pytest.mark.anyio  # asyncio only: Upstream is built on asyncio streams
 

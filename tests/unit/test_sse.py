@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from llamaproc import IncompleteStreamError, ServerError, StreamError
-from llamaproc._client import EventParser, sse_events
-from llamaproc._types import Completion, Timings, Token, Usage
+from llamaproc.protocol import EventParser, sse_events
+from llamaproc.types import Completion, Timings, Token, Usage
 
 
 def feed(pieces: list[bytes]) -> tuple[list[str], bytes]:

@@ -16,9 +16,9 @@ from typing import Any
 
 import anyio
 
-from ._backend import Backend, find_backend, read_gguf_info
-from ._client import DEFAULT_TIMEOUT, LlamaClient, TokenStream, _prompt, chat_body, completion_body
-from ._exceptions import (
+from ..backend import Backend, find_backend, read_gguf_info
+from ..client import DEFAULT_TIMEOUT, LlamaClient, TokenStream
+from ..errors import (
     ClosedError,
     IncompleteStreamError,
     InvalidArgumentError,
@@ -28,17 +28,13 @@ from ._exceptions import (
     ServerError,
     TransportError,
 )
-from ._process import ServerProcess
-from ._types import Completion, GGUFInfo, ModelInfo, RequestMetrics
+from ..process import ServerProcess
+from ..protocol import MAX_TOKENS, TEMPERATURE, chat_params, check_int, check_prompt, completion_params
+from ..types import Completion, GGUFInfo, ModelInfo, RequestMetrics
 
 __all__ = ["TextModel", "load_model"]
 
 _log = logging.getLogger("llamaproc")
-
-#: Defaults of the generation methods: greedy, up to 256 tokens.
-MAX_TOKENS = 256
-TEMPERATURE = 0.0
-
 
 class TextModel:
     """A loaded model, served by its own llama-server child.
@@ -179,7 +175,7 @@ class TextModel:
         pass through as keywords. Bad arguments raise
         :class:`InvalidArgumentError` here, before anything is sent.
         """
-        params = _completion_params(max_tokens, temperature, stop, params)
+        params = completion_params(max_tokens, temperature, stop, params)
         self._check()
         return self._stream(self._client.stream_completion(prompt, **params))
 
@@ -196,7 +192,7 @@ class TextModel:
 
         ``messages`` is a sequence of mappings (``{"role": ..., "content": ...}``).
         """
-        params = _chat_params(messages, max_tokens, temperature, stop, params)
+        params = chat_params(messages, max_tokens, temperature, stop, params)
         self._check()
         return self._stream(self._client.stream_chat(messages, **params))
 
@@ -210,8 +206,8 @@ class TextModel:
         **params: Any,
     ) -> Completion:
         """Like :meth:`generate`, but waits for the whole text."""
-        params = _completion_params(max_tokens, temperature, stop, params)
-        prompt = _prompt(prompt)
+        params = completion_params(max_tokens, temperature, stop, params)
+        prompt = check_prompt(prompt)
         result: Completion = await self._call(self._client.completion, prompt, **params)
         self._finished(result)
         return result
@@ -304,10 +300,10 @@ async def load_model(
     the read timeout of each request, default 600 s. An argument of the wrong
     type or value raises :class:`InvalidArgumentError` before anything starts.
     """
-    _check_int("parallel", parallel, minimum=1)
-    _check_int("ctx_size", ctx_size, minimum=0, optional=True)
-    _check_int("gpu_layers", gpu_layers, optional=True)
-    _check_int("threads", threads, optional=True)
+    check_int("parallel", parallel, minimum=1)
+    check_int("ctx_size", ctx_size, minimum=0, optional=True)
+    check_int("gpu_layers", gpu_layers, optional=True)
+    check_int("threads", threads, optional=True)
     if pooling is not None and not isinstance(pooling, str):
         raise InvalidArgumentError(f"pooling must be a string such as 'mean' or None, not {pooling!r}")
     if isinstance(args, (str, bytes)) or not isinstance(args, Sequence) or not all(isinstance(a, str) for a in args):
@@ -366,73 +362,3 @@ def _pooling_for(path: Path) -> str | None:
     except ModelFileError:
         return None  # let llama-server report what is wrong with the file
     return "mean" if info.pooling_type in (None, "none", "unspecified") else None
-
-
-# -- argument checks -------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: object, *, minimum: int | None = None, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be an int{' or None' if optional else ''}, not {value!r:.80}")
-    if minimum is not None and value < minimum:
-        raise InvalidArgumentError(f"{name} must be at least {minimum}, not {value}")
-
-
-def _generation_params(
-    max_tokens: object, temperature: object, stop: object, params: dict[str, Any]
-) -> dict[str, Any]:
-    """Check the common generation options; ``stop`` becomes a list (a lone string is one stop string)."""
-    _check_int("max_tokens", max_tokens, minimum=-1)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise InvalidArgumentError(f"temperature must be a number, not {temperature!r:.80}")
-    params["temperature"] = temperature
-    if isinstance(stop, str):
-        params["stop"] = [stop]
-    elif isinstance(stop, Sequence) and not isinstance(stop, bytes) and all(isinstance(x, str) for x in stop):
-        params["stop"] = list(stop)
-    elif stop is not None:
-        raise InvalidArgumentError(f"stop must be a string or a sequence of strings, not {stop!r:.80}")
-    return params
-
-
-def _completion_params(
-    max_tokens: object, temperature: object, stop: object, params: dict[str, Any]
-) -> dict[str, Any]:
-    """The ``/completion`` parameters of :meth:`TextModel.generate` and :meth:`TextModel.complete` (checked)."""
-    if "n_predict" in params:
-        raise InvalidArgumentError("give the number of tokens to generate as max_tokens, not n_predict")
-    params = _generation_params(max_tokens, temperature, stop, params)
-    return {"n_predict": max_tokens, **params}
-
-
-def _chat_params(
-    messages: object, max_tokens: object, temperature: object, stop: object, params: dict[str, Any]
-) -> dict[str, Any]:
-    """The ``/v1/chat/completions`` parameters of :meth:`TextModel.chat` (checked, ``messages`` too)."""
-    params = _generation_params(max_tokens, temperature, stop, params)
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not all(
-        isinstance(m, Mapping) for m in messages
-    ):
-        raise InvalidArgumentError(
-            f"messages must be a sequence of mappings such as {{'role': 'user', 'content': 'hi'}}, "
-            f"not {messages!r:.80}"
-        )
-    return {"max_tokens": max_tokens, **params}
-
-
-def generate_request_body(
-    prompt: Any, *, max_tokens: object = MAX_TOKENS, temperature: object = TEMPERATURE, stop: object = None,
-    **params: Any,
-) -> dict[str, Any]:
-    """The streamed ``/completion`` body :meth:`TextModel.generate` sends for these arguments (checked)."""
-    return completion_body(prompt, _completion_params(max_tokens, temperature, stop, params))
-
-
-def chat_request_body(
-    messages: Any, *, max_tokens: object = MAX_TOKENS, temperature: object = TEMPERATURE, stop: object = None,
-    **params: Any,
-) -> dict[str, Any]:
-    """The streamed ``/v1/chat/completions`` body :meth:`TextModel.chat` sends for these arguments (checked)."""
-    return chat_body(messages, _chat_params(messages, max_tokens, temperature, stop, params))

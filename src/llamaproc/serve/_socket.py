@@ -74,9 +74,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import anyio
 import anyio.abc
 
-from ._client import END_OF_BODY_WAIT, ERROR_BODY_LIMIT, STREAM_PATHS, EventParser, sse_events, status_error
-from ._client import _encode as _encode_body
-from ._exceptions import (
+from ..client import END_OF_BODY_WAIT, ERROR_BODY_LIMIT
+from ..errors import (
     ClosedError,
     IncompleteStreamError,
     InvalidArgumentError,
@@ -89,9 +88,11 @@ from ._exceptions import (
     ShuttingDownError,
     StatusError,
 )
+from ..model import TextModel
+from ..protocol import STREAM_PATHS, EventParser, chat_request_body, generate_request_body, sse_events, status_error
+from ..protocol import encode_json as _encode_body
+from ..types import Completion, Token
 from ._http import UpstreamError
-from ._model import TextModel, chat_request_body, generate_request_body
-from ._types import Completion, Token
 
 if TYPE_CHECKING:
     from ._http import Upstream, UpstreamResponse

@@ -1,45 +1,53 @@
 """A pure async HTTP/SSE client for llama-server.
 
-This module knows HTTP and llama-server's JSON; it knows nothing about
-processes. Every httpx exception is translated in one place
-(:func:`_translate`), every stream is owned by a :class:`TokenStream` that
-closes its HTTP response on ``break`` (with ``async with`` or
-``contextlib.aclosing``, or when the stream is dropped), on error and at the
-end. Request bodies are encoded here: a parameter that is not JSON raises
-:class:`~llamaproc.InvalidArgumentError` before anything is sent.
+This module knows HTTP; it knows nothing about processes. Every httpx
+exception is translated in one place (:func:`_translate`), every stream is
+owned by a :class:`TokenStream` that closes its HTTP response on ``break``
+(with ``async with`` or ``contextlib.aclosing``, or when the stream is
+dropped), on error and at the end.
 
-Reading a streamed answer does not depend on httpx: :func:`sse_events` frames
-the bytes into events and :class:`EventParser` turns each event into a token
-and, at the end, the summary. The daemon's socket front end reads its streams
-from its own HTTP client with the same two.
+What goes over the wire comes from :mod:`llamaproc.protocol`: the request
+bodies (a parameter that is not JSON raises
+:class:`~llamaproc.InvalidArgumentError` before anything is sent), the SSE
+framing (:class:`~llamaproc.protocol.SSEDecoder`) and the parsing of events
+into tokens (:class:`~llamaproc.protocol.EventParser`), the same ones the
+daemon's relays use.
 """
 
 from __future__ import annotations
 
-import json
 import types
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import anyio
 import httpx
-from httpx_sse import EventSource, ServerSentEvent
 
-from ._exceptions import (
+from ..errors import (
     ClosedError,
     IncompleteStreamError,
-    InvalidArgumentError,
     LlamaprocError,
     ServerError,
     ServerLoadingError,
-    StatusError,
-    StreamError,
     TransportError,
 )
-from ._types import Completion, Health, Timings, Token, Usage
+from ..protocol import (
+    STREAM_PATHS,
+    EventParser,
+    SSEDecoder,
+    StreamKind,
+    chat_body,
+    check_prompt,
+    completion_body,
+    encode_json,
+    parse_metrics,
+    status_error,
+    timings_of,
+)
+from ..types import Completion, Health, Token, Usage
 
-__all__ = ["DEFAULT_TIMEOUT", "LlamaClient", "TokenStream"]
+__all__ = ["DEFAULT_TIMEOUT", "END_OF_BODY_WAIT", "ERROR_BODY_LIMIT", "LlamaClient", "TokenStream"]
 
 #: Connect and write stay short; a generation may take long before and between tokens.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=30.0, pool=None)
@@ -48,7 +56,6 @@ ERROR_BODY_LIMIT = 64 * 1024
 #: How long a stream waits for the end of the body after its final event (it normally follows at once).
 END_OF_BODY_WAIT = 0.2
 
-_Kind = Literal["native", "chat", "text"]
 ErrorHook = Callable[[LlamaprocError], Awaitable[LlamaprocError]]
 
 
@@ -70,25 +77,6 @@ def _translate(exc: Exception, *, in_stream: bool = False) -> LlamaprocError:
     raise exc
 
 
-def _encode(body: Any) -> bytes:
-    """A request body as JSON (as httpx would write it); what cannot be written is the caller's mistake."""
-    try:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"the request cannot be sent as JSON: {exc}") from exc
-
-
-def _prompt(prompt: Any) -> str | list[int]:
-    """A prompt: a string, or a sequence of token ids."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
-        ids = list(prompt)
-        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            return ids
-    raise InvalidArgumentError(f"prompt must be a string or a sequence of token ids (ints), not {prompt!r:.80}")
-
-
 async def _raise_for_status(response: httpx.Response) -> None:
     """Read a non-2xx answer (bounded) and raise it as a typed error."""
     if response.is_success:
@@ -105,194 +93,6 @@ async def _raise_for_status(response: httpx.Response) -> None:
         with anyio.CancelScope(shield=True):
             await response.aclose()
     raise status_error(response.status_code, raw, str(response.request.url))
-
-
-def status_error(status: int, raw: bytes, url: str) -> StatusError:
-    """The error for a non-2xx answer with body ``raw`` (JSON or text); a loading server's 503 is its own kind."""
-    try:
-        body: Any = json.loads(raw)
-    except ValueError:
-        body = raw.decode("utf-8", "replace")
-    cls = StatusError
-    if status == 503 and "loading" in json.dumps(body).lower():
-        cls = ServerLoadingError
-    return cls(status, body, url=url)
-
-
-def _timings(obj: Mapping[str, Any]) -> Timings | None:
-    t = obj.get("timings")
-    return Timings.model_validate(t) if isinstance(t, dict) else None
-
-
-# --- streamed answers, whatever carries them ------------------------------------------------------
-
-#: Paths of the streamed generation endpoints, by kind.
-STREAM_PATHS: dict[_Kind, str] = {"native": "/completion", "chat": "/v1/chat/completions", "text": "/v1/completions"}
-
-
-def completion_body(prompt: str | Sequence[int], params: Mapping[str, Any]) -> dict[str, Any]:
-    """The body of a streamed native ``/completion``: tokens come with their ids."""
-    return {"prompt": _prompt(prompt), **params, "stream": True, "return_tokens": True}
-
-
-def chat_body(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
-    """The body of a streamed ``/v1/chat/completions``."""
-    return {"messages": list(messages), **params, "stream": True}
-
-
-def sse_events(data: bytes) -> tuple[list[str], bytes]:
-    """Split a server-sent event stream: the ``data`` of each complete event in ``data``, and the rest.
-
-    ``data`` is what the previous call left over followed by the new bytes.
-    Lines end with LF, CRLF or CR; several ``data:`` lines of one event are
-    joined with LF; comment lines (``:``) and other fields are skipped, and
-    an event without data is no event. A CR at the very end is kept for the
-    next call, which tells whether an LF follows it.
-    """
-    held = b""
-    if b"\r" in data:
-        if data.endswith(b"\r"):
-            data, held = data[:-1], b"\r"
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    end = data.rfind(b"\n\n")
-    if end < 0:
-        return [], data + held
-    events: list[str] = []
-    for block in data[:end].split(b"\n\n"):
-        parts = []
-        for line in block.split(b"\n"):
-            if line.startswith(b"data:"):
-                parts.append(line[6:] if line.startswith(b"data: ") else line[5:])
-            elif line == b"data":
-                parts.append(b"")
-        if parts:
-            events.append((parts[0] if len(parts) == 1 else b"\n".join(parts)).decode("utf-8", "replace"))
-    return events, data[end + 2 :] + held
-
-
-class EventParser:
-    """The tokens and the summary of one streamed generation, from the ``data`` of its SSE events.
-
-    Knows llama-server's JSON, not how the events arrive: :meth:`parse` takes
-    one event's data and returns its token, if it has one; :attr:`done` is
-    set by the final event (native ``"stop": true``, OpenAI ``[DONE]``). A
-    malformed event raises :class:`ServerError`, an error event
-    :class:`StreamError`.
-    """
-
-    __slots__ = ("kind", "texts", "ids", "done", "result")
-
-    def __init__(self, kind: _Kind) -> None:
-        self.kind = kind
-        self.texts: list[str] = []
-        self.ids: list[int] = []
-        self.done = False
-        self.result: Completion | None = None
-
-    def parse(self, data: str) -> Token | None:
-        if self.kind != "native" and data == "[DONE]":
-            self.done = True
-            return None
-        try:
-            obj = json.loads(data)
-            if "error" in obj:
-                raise StreamError(obj)
-            if self.kind == "native":
-                return self._native(obj)
-            return self._openai(obj)
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            # ValueError covers bad JSON and pydantic validation.
-            raise ServerError(f"malformed answer from llama-server: {exc!r}") from exc
-
-    def after_end(self, data: str) -> None:
-        """An event after the final one: an error event raises (a request for several prompts
-        gives one per failed prompt); anything else is not part of this answer."""
-        if data.startswith("{"):
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                return
-            if isinstance(obj, dict) and "error" in obj:
-                raise StreamError(obj)
-
-    def incomplete(self) -> IncompleteStreamError:
-        """The error for a stream whose body ended before its final event."""
-        return IncompleteStreamError(
-            "the stream ended without its final event" + ("" if self.kind == "native" else " ([DONE])")
-        )
-
-    def summary(self) -> Completion:
-        """The result of a stream that ended normally."""
-        result = self.result
-        if result is None:
-            result = Completion(text="".join(self.texts))
-        elif self.kind != "native":
-            result = result.model_copy(update={"text": "".join(self.texts)})
-        if result.timings is not None and result.usage.total_tokens == 0:
-            t = result.timings
-            result = result.model_copy(
-                update={"usage": Usage(prompt_tokens=t.prompt_n + t.cache_n, completion_tokens=t.predicted_n,
-                                       total_tokens=t.prompt_n + t.cache_n + t.predicted_n)}
-            )
-        return result
-
-    def _openai(self, obj: dict[str, Any]) -> Token | None:
-        choices = obj.get("choices")
-        choice = choices[0] if choices else None
-        text: str | None = None
-        if choice is not None:
-            if self.kind == "chat":
-                text = (choice.get("delta") or {}).get("content")
-            else:
-                text = choice.get("text")
-            if choice.get("finish_reason") is not None or "timings" in obj or "usage" in obj:
-                self._set_result(obj, choice.get("finish_reason"))
-        elif "usage" in obj or "timings" in obj:
-            self._set_result(obj, None)
-        if text:
-            self.texts.append(text)
-            return Token(text)
-        return None
-
-    def _native(self, obj: dict[str, Any]) -> Token | None:
-        text: str = obj.get("content") or ""
-        ids = obj.get("tokens")
-        if obj.get("stop"):
-            self.done = True
-            if text:
-                self.texts.append(text)
-            self.result = Completion(
-                text="".join(self.texts),
-                finish_reason=obj.get("stop_type"),
-                usage=Usage(
-                    prompt_tokens=obj.get("tokens_evaluated", 0),
-                    completion_tokens=obj.get("tokens_predicted", 0),
-                    total_tokens=obj.get("tokens_evaluated", 0) + obj.get("tokens_predicted", 0),
-                ),
-                timings=_timings(obj),
-                token_ids=self.ids or None,
-            )
-            return Token(text) if text else None
-        token_id: int | None = None
-        if ids:
-            self.ids.extend(ids)
-            if len(ids) == 1:
-                token_id = ids[0]
-        if text or token_id is not None:
-            self.texts.append(text)
-            return Token(text, token_id)
-        return None
-
-    def _set_result(self, obj: dict[str, Any], finish_reason: str | None) -> None:
-        prev = self.result
-        usage = obj.get("usage")
-        timings = _timings(obj)
-        self.result = Completion(
-            text="".join(self.texts),
-            finish_reason=finish_reason or (prev.finish_reason if prev else None),
-            usage=Usage.model_validate(usage) if isinstance(usage, dict) else (prev.usage if prev else Usage()),
-            timings=timings or (prev.timings if prev else None),
-        )
 
 
 # --- streams over httpx ------------------------------------------------------------------------------
@@ -322,7 +122,8 @@ class _StreamState:
         "content",
         "parser",
         "response",
-        "events",
+        "decoder",
+        "chunks",
         "send_scope",
         "streaming",
         "done",
@@ -336,13 +137,14 @@ class _StreamState:
         "__weakref__",
     )
 
-    def __init__(self, client: LlamaClient, path: str, content: bytes, kind: _Kind) -> None:
+    def __init__(self, client: LlamaClient, path: str, content: bytes, kind: StreamKind) -> None:
         self.client = client
         self.path = path
         self.content = content
         self.parser = EventParser(kind)
         self.response: httpx.Response | None = None
-        self.events: AsyncGenerator[ServerSentEvent, None] | None = None
+        self.decoder = SSEDecoder()
+        self.chunks: AsyncGenerator[bytes, None] | None = None
         self.send_scope: anyio.CancelScope | None = None
         self.streaming = False
         self.done = False
@@ -354,7 +156,7 @@ class _StreamState:
         self.result: Completion | None = None
         self.error: LlamaprocError | None = None
 
-    async def open(self) -> AsyncGenerator[ServerSentEvent, None]:
+    async def open(self) -> AsyncGenerator[bytes, None]:
         if self.released:
             raise ClosedError("the stream is closed")
         client = self.client
@@ -368,11 +170,11 @@ class _StreamState:
         if scope.cancelled_caught:  # release() cancelled the wait for the answer's headers
             raise ClosedError("the stream was closed before llama-server answered")
         await _raise_for_status(response)
-        self.events = events = EventSource(response).aiter_sse()
+        self.chunks = chunks = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
         self.streaming = True
-        return events
+        return chunks
 
-    async def read_to_end(self, next_event: Callable[[], Awaitable[ServerSentEvent]]) -> None:
+    async def read_to_end(self, next_chunk: Callable[[], Awaitable[bytes]]) -> None:
         """After the final event, read the end of the body, for a short while at most.
 
         llama-server ends the body right after the final event. Reading that
@@ -383,12 +185,13 @@ class _StreamState:
         with anyio.move_on_after(END_OF_BODY_WAIT):
             while True:
                 try:
-                    sse = await next_event()
+                    chunk = await next_chunk()
                 except StopAsyncIteration:
                     return
                 except Exception:  # noqa: BLE001 - the answer is complete; its connection may close as it likes
                     return
-                self.parser.after_end(sse.data)
+                for data in self.decoder.feed(chunk):
+                    self.parser.after_end(data)
 
     async def finish(self) -> None:
         """Normal end: keep the summary, close the connection, call the done hook."""
@@ -433,12 +236,12 @@ class _StreamState:
         scope = self.send_scope
         if scope is not None:
             scope.cancel()
-        events, self.events = self.events, None
+        chunks, self.chunks = self.chunks, None
         response = self.response
         with anyio.CancelScope(shield=True):
-            if events is not None:
+            if chunks is not None:
                 try:
-                    await events.aclose()
+                    await chunks.aclose()
                 except Exception:  # noqa: BLE001 - closing is best effort (it may be running in another task)
                     pass
             if response is not None:
@@ -449,31 +252,43 @@ async def _iterate(state: _StreamState) -> AsyncGenerator[Token, None]:
     """The tokens of one stream. Closes the response however it ends, garbage collection included."""
     if state.done:
         return
+    last: Token | None = None  # the final event's text goes out once the end of the body is read
     try:
-        events = await state.open()
-        next_event = events.__anext__
+        chunks = await state.open()
+        next_chunk = chunks.__anext__
         parser = state.parser
         parse = parser.parse
-        while True:
+        feed = state.decoder.feed
+        eof = False
+        while not parser.done:
             try:
-                sse = await next_event()
+                events = feed(await next_chunk())
             except StopAsyncIteration:
-                raise parser.incomplete() from None
-            token = parse(sse.data)
-            if parser.done:
-                break
-            if token is not None:
-                yield token
-        # The final event; it may carry the last text (native ``stop`` chunk).
-        await state.read_to_end(next_event)
+                events = state.decoder.end()  # a CR held back may complete the last event
+                eof = True
+            for data in events:
+                if parser.done:
+                    parser.after_end(data)
+                    continue
+                token = parse(data)
+                if token is not None:
+                    if parser.done:
+                        last = token
+                    else:
+                        yield token
+                        if state.released:  # closed while the caller held this token
+                            raise ClosedError("the stream is closed")
+            if eof and not parser.done:
+                raise parser.incomplete()
+        await state.read_to_end(next_chunk)
         await state.finish()
     except Exception as exc:  # noqa: BLE001 - fail() translates it and sets the cause
-        raise await state.fail(exc)
+        raise await state.fail(exc)  # noqa: B904 - fail() sets the cause
     finally:
         # Cancellation, aclose() and garbage collection end up here too.
         await state.release()
-    if token is not None:
-        yield token
+    if last is not None:
+        yield last
 
 
 class TokenStream:
@@ -492,8 +307,8 @@ class TokenStream:
 
     __slots__ = ("_state", "_agen")
 
-    def __init__(self, client: LlamaClient, path: str, body: dict[str, Any], kind: _Kind) -> None:
-        self._state = _StreamState(client, path, _encode(body), kind)
+    def __init__(self, client: LlamaClient, path: str, body: dict[str, Any], kind: StreamKind) -> None:
+        self._state = _StreamState(client, path, encode_json(body), kind)
         self._agen: types.AsyncGeneratorType[Token, None] | None = None
 
     # -- results and hooks ----------------------------------------------------------------------
@@ -621,7 +436,7 @@ class LlamaClient:
 
     async def _request(self, method: str, path: str, *, json_body: Any = None) -> httpx.Response:
         http = self._http_client()
-        content = None if json_body is None else _encode(json_body)
+        content = None if json_body is None else encode_json(json_body)
         headers = None if content is None else {"Content-Type": "application/json"}
         try:
             response = await http.request(method, path, content=content, headers=headers)
@@ -659,18 +474,9 @@ class LlamaClient:
 
     async def metrics(self) -> dict[str, float]:
         """``GET /metrics`` (server started with ``--metrics``), parsed to ``{sample name: value}``."""
-        from prometheus_client.parser import text_string_to_metric_families
-
         response = await self._request("GET", "/metrics")
-        # Without its TYPE lines the parser keeps every sample name as exposed: it would
-        # rename a counter without the ``_total`` suffix (llamacpp:n_tokens_max).
-        text = "\n".join(line for line in response.text.splitlines() if not line.startswith("# TYPE "))
         try:
-            return {
-                sample.name: float(sample.value)
-                for family in text_string_to_metric_families(text)
-                for sample in family.samples
-            }
+            return parse_metrics(response.text)
         except ValueError as exc:
             raise _translate(exc) from exc
 
@@ -693,7 +499,7 @@ class LlamaClient:
 
     async def completion(self, prompt: str | Sequence[int], **params: Any) -> Completion:
         """Native ``POST /completion``, not streamed."""
-        body = {"prompt": _prompt(prompt), **params, "stream": False, "return_tokens": True}
+        body = {"prompt": check_prompt(prompt), **params, "stream": False, "return_tokens": True}
         obj = await self._json("POST", "/completion", body)
         return Completion(
             text=obj.get("content", ""),
@@ -703,7 +509,7 @@ class LlamaClient:
                 completion_tokens=obj.get("tokens_predicted", 0),
                 total_tokens=obj.get("tokens_evaluated", 0) + obj.get("tokens_predicted", 0),
             ),
-            timings=_timings(obj),
+            timings=timings_of(obj),
             token_ids=obj.get("tokens") or None,
         )
 
@@ -733,7 +539,7 @@ class LlamaClient:
                 text=text_of(choice),
                 finish_reason=choice.get("finish_reason"),
                 usage=Usage.model_validate(obj.get("usage") or {}),
-                timings=_timings(obj),
+                timings=timings_of(obj),
             )
         except (KeyError, IndexError, TypeError) as exc:
             raise _translate(exc) from exc

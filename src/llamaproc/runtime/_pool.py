@@ -59,9 +59,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._backend import read_gguf_info
-from ._config import ModelConfig, ServeConfig
-from ._exceptions import (
+from ..backend import read_gguf_info
+from ..errors import (
     LlamaprocError,
     ModelFileError,
     ModelNotFoundError,
@@ -70,7 +69,8 @@ from ._exceptions import (
     ShuttingDownError,
     UsageError,
 )
-from ._model import TextModel, load_model
+from ..model import TextModel, load_model
+from ._config import ModelConfig, ServeConfig
 from ._supervisor import Loader, ModelStatus, Phase, Supervisor, _Unloaded
 
 __all__ = ["ModelPool", "PoolStats", "estimate_memory"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ._exceptions import AlreadyRunningError, UsageError
+from ..errors import AlreadyRunningError, UsageError
 
 __all__ = ["AlreadyRunningError", "PidLock", "read_pid"]
 

@@ -47,10 +47,10 @@ import anyio
 import anyio.abc
 from pydantic import BaseModel
 
-from ._client import LlamaClient
+from ..client import LlamaClient
+from ..errors import LlamaprocError, ModelUnavailableError, ShuttingDownError, UsageError
+from ..model import TextModel, load_model
 from ._config import ModelConfig
-from ._exceptions import LlamaprocError, ModelUnavailableError, ShuttingDownError, UsageError
-from ._model import TextModel, load_model
 
 __all__ = ["Condition", "Loader", "ModelStatus", "Phase", "Supervisor"]
 

@@ -27,8 +27,8 @@ from typing import Any, Self
 
 import psutil
 
-from ._exceptions import DaemonError, DaemonNotRunningError, DaemonRequestError
-from ._pidlock import read_pid
+from ..errors import DaemonError, DaemonNotRunningError, DaemonRequestError
+from ..runtime import read_pid
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -169,7 +169,7 @@ class DaemonClient:
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send a request and return its final event (``result`` or ``done``)."""
         event: dict[str, Any] = {}
-        for event in self.stream(op, **fields):
+        for event in self.stream(op, **fields):  # noqa: B007 - the last one is the answer
             pass
         return event
 
@@ -276,7 +276,7 @@ def _chat_direct(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
     """Without ``--daemon``: MODEL is a GGUF path, loaded for this conversation only."""
     import anyio.from_thread
 
-    from ._model import TextModel, load_model
+    from ..model import TextModel, load_model
 
     path = Path(args.model).expanduser()
     if not path.is_file():
@@ -344,7 +344,7 @@ def format_table(models: Sequence[Mapping[str, Any]], *, now: datetime | None = 
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows)
+    return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() + "\n" for row in rows)
 
 
 def _dash(value: Any) -> str:

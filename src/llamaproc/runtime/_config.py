@@ -44,7 +44,7 @@ from pydantic import (
     model_validator,
 )
 
-from ._exceptions import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "ConfigError",

@@ -16,10 +16,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ._supervisor import Phase
+from ..runtime import Phase
 
 if TYPE_CHECKING:
-    from ._pool import ModelPool
+    from ..runtime import ModelPool
 
 __all__ = ["CONTENT_TYPE", "ServeMetrics"]
 

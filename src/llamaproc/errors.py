@@ -17,6 +17,7 @@
     ├── ModelFileError               a GGUF file that cannot be read
     ├── ConfigError                  a bad serve config file (also ValueError); .path, .problems
     ├── AlreadyRunningError          another daemon holds the pid lock; .pid
+    ├── ListenError (also OSError)   the daemon cannot listen on an address or socket path; .where
     ├── PoolError                    the model pool of the daemon
     │   ├── ModelNotFoundError       no model of that name in the config
     │   ├── ModelUnavailableError    the model is Failed (too many restarts) or cannot be loaded
@@ -47,6 +48,7 @@ __all__ = [
     "DaemonRequestError",
     "IncompleteStreamError",
     "InvalidArgumentError",
+    "ListenError",
     "LlamaprocError",
     "ModelFileError",
     "ModelNotFoundError",
@@ -197,6 +199,19 @@ class AlreadyRunningError(LlamaprocError):
         self.pid = pid
         who = f"process {pid}" if pid is not None else "another process"
         super().__init__(f"already running: {who} holds the lock on {path}")
+
+
+class ListenError(LlamaprocError, OSError):
+    """The daemon cannot listen where it was told to (a TCP address or a Unix socket path)."""
+
+    def __init__(self, where: str, cause: OSError | str) -> None:
+        errno_ = cause.errno if isinstance(cause, OSError) else None
+        OSError.__init__(self, errno_, str(cause))
+        self.where = where
+        self.reason = str(cause)
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.where}: {self.reason}"
 
 
 class PoolError(LlamaprocError):

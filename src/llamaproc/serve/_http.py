@@ -48,7 +48,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._exceptions import (
+from ..errors import (
     LlamaprocError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -60,8 +60,8 @@ from ._exceptions import (
 from ._metrics import CONTENT_TYPE, ServeMetrics
 
 if TYPE_CHECKING:
-    from ._model import TextModel
-    from ._pool import ModelPool
+    from ..model import TextModel
+    from ..runtime import ModelPool
 
 __all__ = ["DEFAULT_MAX_BODY", "Upstream", "UpstreamError", "create_app"]
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ._exceptions import BinaryNotFoundError, ModelFileError
-from ._types import GGUFInfo
+from ..errors import BinaryNotFoundError, ModelFileError
+from ..types import GGUFInfo
 
 __all__ = ["Backend", "Flavour", "discover", "find_backend", "read_gguf_info"]
 
@@ -193,7 +193,7 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
         raise ModelFileError(f"model file not found: {p}") from exc
     except ModelFileError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes go wrong
+    except Exception as exc:
         raise ModelFileError(f"{p} is not a readable GGUF file: {exc}") from exc
 
 

@@ -39,17 +39,16 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import uvicorn
 
-from ._config import ServeConfig, load_config
-from ._exceptions import AlreadyRunningError, ConfigError, LlamaprocError
+from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocError
+from ..runtime import PidLock, ServeConfig, load_config
 from ._http import DEFAULT_MAX_BODY, Upstream, create_app
 from ._metrics import ServeMetrics
-from ._pidlock import PidLock
 
 if TYPE_CHECKING:
-    from ._pool import ModelPool
+    from ..runtime import ModelPool
     from ._socket import ActiveRequests
 
-__all__ = ["DaemonInfo", "ListenError", "cmd_serve", "default_state_dir", "run_daemon"]
+__all__ = ["DaemonInfo", "cmd_serve", "default_state_dir", "run_daemon"]
 
 _log = logging.getLogger("llamaproc.serve")
 
@@ -62,19 +61,6 @@ SOCKET_FILE = "serve.sock"
 HTTP_SHUTDOWN_TIMEOUT = 5
 #: How long the socket server gets to write the last events of its requests before it closes.
 SOCKET_SHUTDOWN_TIMEOUT = 2.0
-
-
-class ListenError(OSError):
-    """The daemon cannot listen where it was told to (a TCP address or a Unix socket path)."""
-
-    def __init__(self, where: str, cause: OSError | str) -> None:
-        errno_ = cause.errno if isinstance(cause, OSError) else None
-        super().__init__(errno_, str(cause))
-        self.where = where
-        self.cause = cause
-
-    def __str__(self) -> str:
-        return f"cannot listen on {self.where}: {self.cause}"
 
 
 @dataclass(frozen=True)
@@ -169,11 +155,11 @@ async def run_daemon(
     ``~/.llamaproc``; both are made absolute. ``ready`` is called with the
     :class:`DaemonInfo` once both servers listen (and ``serve.json`` is
     written). Raises :class:`AlreadyRunningError` if another daemon holds the
-    state dir's pid lock and :class:`ListenError` (an :class:`OSError`) if the
+    state dir's pid lock and :class:`~llamaproc.ListenError` (also an :class:`OSError`) if the
     port or the socket cannot be bound. Must run on the asyncio backend
     (uvicorn).
     """
-    from ._pool import ModelPool
+    from ..runtime import ModelPool
     from ._socket import ActiveRequests
 
     directory = _absolute(state_dir) if state_dir is not None else default_state_dir()

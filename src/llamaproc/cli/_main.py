@@ -22,9 +22,9 @@ from pathlib import Path
 
 import anyio
 
-from ._backend import discover, find_backend
-from ._exceptions import LlamaprocError
-from ._model import load_model
+from ..backend import discover, find_backend
+from ..errors import LlamaprocError
+from ..model import load_model
 
 __all__ = ["main"]
 
@@ -57,7 +57,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .testing import write_tiny_model
+    from ..testing import write_tiny_model
 
     backend = find_backend(args.binary)
     print(f"llama-server: {backend.binary} ({backend.flavour} build, found via {backend.source})")
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "discover":
             return _discover(args)
         if args.command == "serve":
-            from ._daemon import cmd_serve
+            from ..serve import cmd_serve
 
             return cmd_serve(args)
         from . import _daemon_cli

@@ -40,8 +40,8 @@ from typing import IO
 import anyio
 import psutil
 
-from ._client import LlamaClient
-from ._exceptions import (
+from ..client import LlamaClient
+from ..errors import (
     ClosedError,
     LlamaprocError,
     ProcessError,

@@ -1,0 +1,24 @@
+"""Keeping models served: the config, the supervisor of one model, the pool of many, the pid lock."""
+
+from ._config import ModelConfig, ServeConfig, load_config, parse_duration, parse_size
+from ._pidlock import PidLock, read_pid
+from ._pool import ModelPool, PoolStats, estimate_memory
+from ._supervisor import Condition, Loader, ModelStatus, Phase, Supervisor
+
+__all__ = [
+    "Condition",
+    "Loader",
+    "ModelConfig",
+    "ModelPool",
+    "ModelStatus",
+    "Phase",
+    "PidLock",
+    "PoolStats",
+    "ServeConfig",
+    "Supervisor",
+    "estimate_memory",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+    "read_pid",
+]

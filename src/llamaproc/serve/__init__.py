@@ -1,0 +1,29 @@
+"""``llamaproc serve``: the daemon, its HTTP and socket front ends, its metrics.
+
+Needs the ``daemon`` extra (``pip install 'llamaproc[daemon]'``): starlette,
+uvicorn, httptools, uvloop and prometheus-client.
+"""
+
+from ._daemon import DaemonInfo, cmd_serve, default_state_dir, run_daemon
+from ._http import DEFAULT_MAX_BODY, Upstream, UpstreamError, UpstreamResponse, create_app
+from ._metrics import CONTENT_TYPE, ServeMetrics
+from ._socket import MAX_IN_FLIGHT, MAX_LINE, WRITE_TIMEOUT, ActiveRequests, serve_socket
+
+__all__ = [
+    "CONTENT_TYPE",
+    "DEFAULT_MAX_BODY",
+    "MAX_IN_FLIGHT",
+    "MAX_LINE",
+    "WRITE_TIMEOUT",
+    "ActiveRequests",
+    "DaemonInfo",
+    "ServeMetrics",
+    "Upstream",
+    "UpstreamError",
+    "UpstreamResponse",
+    "cmd_serve",
+    "create_app",
+    "default_state_dir",
+    "run_daemon",
+    "serve_socket",
+]
