@@ -19,7 +19,8 @@ from starlette.types import Message
 
 from llamaproc.cli._daemon_cli import STOP_TIMEOUT, _default_stop_timeout
 from llamaproc.serve import ServeMetrics
-from llamaproc.serve._http import Upstream, UpstreamError, UpstreamResponse, _Call, _Connection, _State
+from llamaproc.serve._proxy import ProxyState, _Call
+from llamaproc.serve._upstream import Upstream, UpstreamError, UpstreamResponse, _Connection
 
 pytestmark = pytest.mark.anyio
 
@@ -54,7 +55,7 @@ async def relay(chunks: list[bytes]) -> bytes:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    state = _State(FakePool(), Upstream(), ServeMetrics(), 1 << 20)  # type: ignore[arg-type]
+    state = ProxyState(FakePool(), Upstream(), ServeMetrics(), 1 << 20)  # type: ignore[arg-type]
     call = _Call(state, "tiny", 0.0, send)
     await call._relay_stream(FakeModel(), FakeResponse(chunks))  # type: ignore[arg-type]
     assert sent[0]["type"] == "http.response.start" and sent[-1]["more_body"] is False
@@ -88,7 +89,7 @@ async def test_relay_ends_a_stream_cut_by_a_shutdown_with_a_shutting_down_event(
 
     pool = FakePool()
     pool.closed = True
-    state = _State(pool, Upstream(), ServeMetrics(), 1 << 20)  # type: ignore[arg-type]
+    state = ProxyState(pool, Upstream(), ServeMetrics(), 1 << 20)  # type: ignore[arg-type]
     call = _Call(state, "tiny", 0.0, send)
     await call._relay_stream(FakeModel(), FakeResponse([b'data: {"model":"x"}\n\n']))  # type: ignore[arg-type]
     body = b"".join(m.get("body", b"") for m in sent[1:])

@@ -23,7 +23,7 @@ from test_socket_protocol import Client
 from llamaproc import LlamaClient, ModelNotFoundError, TextModel
 from llamaproc.backend import Backend
 from llamaproc.process import OutputBuffer
-from llamaproc.serve._http import Upstream
+from llamaproc.serve import Upstream
 from llamaproc.serve._socket import serve_socket
 from llamaproc.types import Timings
 

@@ -4,10 +4,12 @@ Needs the ``daemon`` extra (``pip install 'llamaproc[daemon]'``): starlette,
 uvicorn, httptools, uvloop and prometheus-client.
 """
 
+from ._app import create_app
 from ._daemon import DaemonInfo, cmd_serve, default_state_dir, run_daemon
-from ._http import DEFAULT_MAX_BODY, Upstream, UpstreamError, UpstreamResponse, create_app
 from ._metrics import CONTENT_TYPE, ServeMetrics
+from ._proxy import DEFAULT_MAX_BODY
 from ._socket import MAX_IN_FLIGHT, MAX_LINE, WRITE_TIMEOUT, ActiveRequests, serve_socket
+from ._upstream import Upstream, UpstreamError, UpstreamResponse
 
 __all__ = [
     "CONTENT_TYPE",

@@ -41,8 +41,10 @@ import uvicorn
 
 from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocError
 from ..runtime import PidLock, ServeConfig, load_config
-from ._http import DEFAULT_MAX_BODY, Upstream, create_app
+from ._app import create_app
 from ._metrics import ServeMetrics
+from ._proxy import DEFAULT_MAX_BODY
+from ._upstream import Upstream
 
 if TYPE_CHECKING:
     from ..runtime import ModelPool

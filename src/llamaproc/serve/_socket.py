@@ -92,10 +92,10 @@ from ..model import TextModel
 from ..protocol import STREAM_PATHS, EventParser, chat_request_body, generate_request_body, sse_events, status_error
 from ..protocol import encode_json as _encode_body
 from ..types import Completion, Token
-from ._http import UpstreamError
+from ._upstream import UpstreamError
 
 if TYPE_CHECKING:
-    from ._http import Upstream, UpstreamResponse
+    from ._upstream import Upstream, UpstreamResponse
 
 __all__ = ["MAX_IN_FLIGHT", "MAX_LINE", "WRITE_TIMEOUT", "ActiveRequests", "serve_socket"]
 
