@@ -8,12 +8,14 @@
     │   ├── StatusError              a non-2xx answer; .status_code, .body, .message
     │   │   └── ServerLoadingError   503 "Loading model"
     │   ├── StreamError              an error event in the middle of a stream; .body
-    │   └── IncompleteStreamError    a stream that ended without its final event
+    │   ├── IncompleteStreamError    a stream that ended without its final event
+    │   └── StalledError             nothing came for stall_timeout seconds and the server made no progress
     ├── ProcessError                 the child process
     │   ├── BinaryNotFoundError      no llama-server binary; .searched lists where we looked
     │   ├── StartupError             the child exited during start-up; .returncode, .output
     │   │   └── StartupTimeoutError  no progress and no readiness within the timeout
     │   └── ServerCrashedError       the child died while in use; .returncode, .output
+    │       └── ServerHungError      it stopped answering and was killed; .reason
     ├── ModelFileError               a GGUF file that cannot be read
     ├── ConfigError                  a bad serve config file (also ValueError); .path, .problems
     ├── AlreadyRunningError          another daemon holds the pid lock; .pid
@@ -28,7 +30,7 @@
     │   └── DaemonRequestError       the daemon answered with an error event; .code, .message
     └── UsageError (also RuntimeError)
         ├── ClosedError              the object was used after close()
-        └── InvalidArgumentError     a bad argument (also ValueError): wrong type or value
+        └── InvalidArgumentError     a bad argument (also ValueError): wrong type or value; .param
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ __all__ = [
     "QueueFullError",
     "ServerCrashedError",
     "ServerError",
+    "ServerHungError",
     "ServerLoadingError",
     "ShuttingDownError",
+    "StalledError",
     "StartupError",
     "StartupTimeoutError",
     "StatusError",
@@ -125,6 +129,10 @@ class IncompleteStreamError(ServerError):
     """The stream ended (or the connection dropped) before its final event."""
 
 
+class StalledError(ServerError):
+    """A running request received nothing for ``stall_timeout`` seconds while its server made no progress."""
+
+
 # --- process -------------------------------------------------------------------------------------
 
 
@@ -167,6 +175,17 @@ class StartupTimeoutError(StartupError):
 
 class ServerCrashedError(_ExitedError):
     """The llama-server child died while it was serving."""
+
+
+class ServerHungError(ServerCrashedError):
+    """The llama-server child stopped answering (failed health checks, a stalled request) and was killed.
+
+    ``reason`` says what was seen; ``returncode`` is the SIGKILL's.
+    """
+
+    def __init__(self, message: str, *, reason: str, returncode: int | None, output: str, pid: int | None = None) -> None:
+        self.reason = reason
+        super().__init__(message, returncode=returncode, output=output, pid=pid)
 
 
 # --- files and misuse ----------------------------------------------------------------------------
@@ -266,7 +285,14 @@ class ClosedError(UsageError):
 
 
 class InvalidArgumentError(UsageError, ValueError):
-    """An argument of the wrong type or out of range (``parallel=0``, ``prompt=None`` ...)."""
+    """An argument of the wrong type or out of range (``parallel=0``, ``prompt=None`` ...).
+
+    ``param`` names the argument (or request field) when there is one.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
 
 
 def _rebuild(cls: type[LlamaprocError], args: tuple[Any, ...], state: dict[str, Any]) -> LlamaprocError:

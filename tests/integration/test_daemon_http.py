@@ -279,10 +279,22 @@ def test_bad_requests_are_refused_and_the_daemon_keeps_serving(shared: Daemon) -
     assert error_of(httpx.post(url, json={"model": "tiny"}), 400)["param"] == "messages"
     assert error_of(httpx.post(url, json={"model": "tiny", "messages": "hi"}), 400)["param"] == "messages"
     assert error_of(httpx.post(url, json={"model": 3, "messages": []}), 400)["param"] == "model"
-    assert error_of(httpx.post(url, json={"model": "nope", "messages": []}), 404)["code"] == "model_not_found"
-    # llama-server's own validation errors pass through with their status
+    assert error_of(httpx.post(url, json={"model": "tiny", "messages": []}), 400)["param"] == "messages"
+    for bad in ({"stream": "yes"}, {"max_tokens": "8"}, {"max_tokens": -2}, {"temperature": "hot"}, {"stop": [1]}):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **bad}
+        error = error_of(httpx.post(url, json=body), 400)
+        assert (error["code"], error["param"]) == ("bad_request", next(iter(bad)))
+    hi = [{"role": "user", "content": "hi"}]
+    missing = error_of(httpx.post(url, json={"model": "nope", "messages": hi}), 404)
+    assert (missing["code"], missing["param"]) == ("model_not_found", "model")
+    huge = error_of(httpx.post(url, json={"model": "n" * 100_000, "messages": hi}), 404)
+    assert len(huge["message"]) < 1000  # the name is not echoed back whole
+    # llama-server's own validation errors come back in the daemon's shape, with llama-server's status
     upstream = httpx.post(url, json={"model": "tiny", "messages": [{"role": "user"}], "max_tokens": 2}, timeout=30)
-    assert 400 <= upstream.status_code < 500 and "error" in upstream.json()
+    assert 400 <= upstream.status_code < 500
+    error = upstream.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "bad_request" and error["message"].startswith("model 'tiny': llama-server answered")
 
     big = b'{"model": "tiny", "messages": [], "pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'
     assert error_of(httpx.post(url, content=big, headers=headers, timeout=30), 413)["code"] == "body_too_large"

@@ -136,7 +136,7 @@ async def test_greedy_text_is_the_same_on_every_endpoint(tiny_model: Path) -> No
         stream = model.generate(PROMPT, max_tokens=16)
         streamed = _text(await _collect(stream))
         whole = await model.complete(PROMPT, max_tokens=16)
-        async with LlamaClient(model.base_url) as client:
+        async with LlamaClient(model.base_url, api_key=model.api_key) as client:
             openai = await client.text_completion(PROMPT, max_tokens=16, temperature=0)
         bos = await model.tokenize(PROMPT, add_special=True)
 
@@ -146,6 +146,24 @@ async def test_greedy_text_is_the_same_on_every_endpoint(tiny_model: Path) -> No
     assert stream.result.usage.prompt_tokens == whole.usage.prompt_tokens == openai.usage.prompt_tokens == len(bos)
     assert bos[0] == 1  # <s>
     assert whole.usage.completion_tokens == openai.usage.completion_tokens == 16
+
+
+async def test_the_child_answers_only_to_its_owner(tiny_model: Path) -> None:
+    """A process that finds the child's port cannot go around its owner: it needs the key only the owner has."""
+    async with await llamaproc.load_model(tiny_model) as model:
+        assert model.api_key
+        assert not any(model.api_key in arg for arg in _cmdline(model.pid))  # not visible in `ps`
+        async with LlamaClient(model.base_url) as stranger:
+            assert (await stranger.health()).status == "ok"  # /health stays public (probes)
+            with pytest.raises(llamaproc.StatusError) as info:
+                await stranger.tokenize("hi")
+            assert info.value.status_code == 401
+            with pytest.raises(llamaproc.StatusError):
+                await _collect(stranger.stream_completion("hi", n_predict=2))
+        async with LlamaClient(model.base_url, api_key="guess") as guesser:
+            with pytest.raises(llamaproc.StatusError):
+                await guesser.tokenize("hi")
+        assert await model.tokenize("hi")  # the owner's calls carry the key
 
 
 async def test_concurrent_callers_get_the_sequential_greedy_text(tiny_model: Path) -> None:

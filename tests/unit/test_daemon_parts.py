@@ -17,7 +17,9 @@ import anyio
 import pytest
 from starlette.types import Message
 
+from llamaproc import LlamaprocError
 from llamaproc.cli._daemon_cli import STOP_TIMEOUT, _default_stop_timeout
+from llamaproc.runtime import ServeConfig
 from llamaproc.serve import ServeMetrics
 from llamaproc.serve._proxy import ProxyState, _Call
 from llamaproc.serve._upstream import Upstream, UpstreamError, UpstreamResponse, _Connection
@@ -27,13 +29,24 @@ pytestmark = pytest.mark.anyio
 
 class FakePool:
     closed = False
+    config = ServeConfig.model_validate({"models": {"tiny": {"path": "/nonexistent/tiny.gguf"}}})
 
     def names(self) -> list[str]:
         return ["tiny"]
 
 
-class FakeModel:
+class FakeEndpoint:
     returncode: int | None = None
+    api_key = None
+
+    def progress(self) -> float | None:
+        return None
+
+    def kill(self, reason: str) -> None:
+        self.returncode = -9
+
+    async def explain(self, error: LlamaprocError) -> LlamaprocError:
+        return error
 
 
 class FakeResponse:
@@ -49,50 +62,42 @@ class FakeResponse:
         return next(self._chunks, None)
 
 
-async def relay(chunks: list[bytes]) -> bytes:
+async def relay(chunks: list[bytes], pool: FakePool | None = None) -> tuple[bytes, _Call]:
     sent: list[Message] = []
 
     async def send(message: Message) -> None:
         sent.append(message)
 
-    state = ProxyState(FakePool(), Upstream(), ServeMetrics(), 1 << 20)  # type: ignore[arg-type]
+    state = ProxyState(pool or FakePool(), Upstream(), ServeMetrics(), 1 << 20)  # type: ignore[arg-type]
     call = _Call(state, "tiny", 0.0, send)
-    await call._relay_stream(FakeModel(), FakeResponse(chunks))  # type: ignore[arg-type]
+    await call._relay_stream(FakeEndpoint(), "/v1/completions", FakeResponse(chunks))  # type: ignore[arg-type]
     assert sent[0]["type"] == "http.response.start" and sent[-1]["more_body"] is False
-    return b"".join(m.get("body", b"") for m in sent[1:])
+    return b"".join(m.get("body", b"") for m in sent[1:]), call
 
 
-async def test_relay_rewrites_the_model_field_of_a_last_event_without_its_blank_line() -> None:
-    body = await relay(
+async def test_relay_rewrites_the_model_field_and_ends_a_cut_stream_with_an_error_event() -> None:
+    body, call = await relay(
         [
             b'data: {"choices":[{"text":"a"}],"model":"tiny.gguf"}\n\n',
-            b'data: {"choices":[{"text":"b"}],"model":"tiny.gguf"}',  # cut before its "\n\n"
+            b'data: {"choices":[{"text":"b"}],"model":"tiny.gguf"}',  # cut before its blank line: no event
         ]
     )
     assert b"tiny.gguf" not in body
-    assert body.count(b'"model":"tiny"') == 2
+    assert body.count(b'"model":"tiny"') == 1
     error = json.loads(body.rsplit(b"data: ", 1)[1])["error"]  # no [DONE]: an error event of ours
-    assert error["code"] == "upstream_error"
+    assert (error["code"], call.status) == ("upstream_error", "502")
 
 
-async def test_relay_sees_a_done_that_ends_without_its_blank_line() -> None:
-    body = await relay([b'data: {"choices":[{"text":"a"}],"model":"x"}\n\n', b"data: [DONE]"])
-    assert body.endswith(b"data: [DONE]")
-    assert b'"error"' not in body
+async def test_relay_passes_events_on_whatever_their_line_ends() -> None:
+    body, call = await relay([b'data: {"choices":[{"text":"a"}],"model":"x"}\r\n\r', b"\ndata: [DONE]\r\n\r\n"])
+    assert body == b'data: {"choices":[{"text":"a"}],"model":"tiny"}\n\ndata: [DONE]\n\n'
+    assert (call.status, call.tokens) == ("200", 1)
 
 
 async def test_relay_ends_a_stream_cut_by_a_shutdown_with_a_shutting_down_event() -> None:
-    sent: list[Message] = []
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
     pool = FakePool()
     pool.closed = True
-    state = ProxyState(pool, Upstream(), ServeMetrics(), 1 << 20)  # type: ignore[arg-type]
-    call = _Call(state, "tiny", 0.0, send)
-    await call._relay_stream(FakeModel(), FakeResponse([b'data: {"model":"x"}\n\n']))  # type: ignore[arg-type]
-    body = b"".join(m.get("body", b"") for m in sent[1:])
+    body, call = await relay([b'data: {"model":"x"}\n\n'], pool)
     assert json.loads(body.rsplit(b"data: ", 1)[1])["error"]["code"] == "shutting_down"
     assert call.status == "503"
 

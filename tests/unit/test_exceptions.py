@@ -22,12 +22,14 @@ SAMPLES: dict[str, Any] = {
     "ServerLoadingError": lambda cls: cls(503, {"error": {"message": "Loading model"}}),
     "StreamError": lambda cls: cls({"error": {"code": 500, "message": "slot released"}}),
     "IncompleteStreamError": lambda cls: cls("the stream ended without its final event"),
+    "StalledError": lambda cls: cls("llama-server sent nothing for 30 s and used no CPU time: it hangs"),
     "ProcessError": lambda cls: cls("survived SIGKILL"),
     "BinaryNotFoundError": lambda cls: cls("no llama-server", searched=["PATH", "/opt/bin"]),
     "_ExitedError": lambda cls: cls("exited", returncode=1, output="E bad", pid=7),
     "StartupError": lambda cls: cls("exited with code 1", returncode=1, output="E invalid magic", pid=12),
     "StartupTimeoutError": lambda cls: cls("no progress", returncode=None, output="loading", pid=13),
     "ServerCrashedError": lambda cls: cls("exited with code -9", returncode=-9, output="tail", pid=14),
+    "ServerHungError": lambda cls: cls("killed", reason="3 failed health checks", returncode=-9, output="", pid=15),
     "ModelFileError": lambda cls: cls("not a GGUF file"),
     "ConfigError": lambda cls: cls("bad key", path="/etc/serve.toml", problems=("a: bad", "b: worse")),
     "AlreadyRunningError": lambda cls: cls(Path("/run/llamaproc.pid"), 99),
@@ -42,7 +44,7 @@ SAMPLES: dict[str, Any] = {
     "DaemonRequestError": lambda cls: cls({"code": "queue_full", "message": "busy", "retry_after": 1.0}),
     "UsageError": lambda cls: cls("misuse"),
     "ClosedError": lambda cls: cls("the model is closed"),
-    "InvalidArgumentError": lambda cls: cls("parallel must be at least 1, not 0"),
+    "InvalidArgumentError": lambda cls: cls("parallel must be at least 1, not 0", param="parallel"),
 }
 
 CLASSES = {

@@ -17,7 +17,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from llamaproc import StartupError
+from llamaproc import Health, LlamaprocError, StartupError
 from llamaproc.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
@@ -35,16 +35,38 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 class FakeModel:
-    """Stands in for a TextModel: never exits on its own (its pid is this process)."""
+    """Stands in for a TextModel: an endpoint that never exits on its own."""
 
     def __init__(self, path: Path, close_delay: float = 0.0) -> None:
         self.path = path
         self.pid = os.getpid()
         self.base_url = "http://127.0.0.1:9"
+        self.api_key: str | None = None
         self.returncode: int | None = None
         self.closed = False
         self.output = ""
         self.close_delay = close_delay
+        self._exited = anyio.Event()
+
+    async def health(self) -> Health:
+        return Health(status="ok")
+
+    def progress(self) -> float | None:
+        return None
+
+    async def wait(self) -> int | None:
+        await self._exited.wait()
+        return self.returncode
+
+    def describe_exit(self) -> str:
+        return f"fake model exited with code {self.returncode}"
+
+    async def explain(self, error: LlamaprocError) -> LlamaprocError:
+        return error
+
+    def kill(self, reason: str) -> None:
+        self.returncode = -9
+        self._exited.set()
 
     async def close(self) -> None:
         if self.close_delay and not self.closed:

@@ -249,13 +249,13 @@ async def test_chat_sends_what_the_model_sends(llama: Llama, tmp_path: Path) -> 
     ("answer", "code", "message"),
     [
         (status_answer(400, {"error": {"message": "n_probs is bad"}}), "bad_request", "answered 400"),
-        (status_answer(503, {"error": {"message": "Loading model"}}), "unavailable", "answered 503"),
-        (status_answer(500, {"error": {"message": "oops"}}), "server_error", "answered 500"),
-        (stream_answer(sse(NATIVE[0], ERROR_EVENT)), "server_error", "the slot broke"),
-        (stream_answer(sse(NATIVE[0])), "server_error", "without its final event"),
-        (stream_answer(sse(NATIVE[0]), cut=True), "server_error", "closed before the end of the stream"),
-        (stream_answer(sse(NATIVE[0], {"content": "", "stop": True}, ERROR_EVENT)), "server_error", "slot broke"),
-        (stream_answer(b"data: {oops\n\n"), "server_error", "malformed answer"),
+        (status_answer(503, {"error": {"message": "Loading model"}}), "model_unavailable", "answered 503"),
+        (status_answer(500, {"error": {"message": "oops"}}), "upstream_error", "answered 500"),
+        (stream_answer(sse(NATIVE[0], ERROR_EVENT)), "upstream_error", "the slot broke"),
+        (stream_answer(sse(NATIVE[0])), "upstream_error", "without its final event"),
+        (stream_answer(sse(NATIVE[0]), cut=True), "upstream_error", "closed before the end of the stream"),
+        (stream_answer(sse(NATIVE[0], {"content": "", "stop": True}, ERROR_EVENT)), "upstream_error", "slot broke"),
+        (stream_answer(b"data: {oops\n\n"), "upstream_error", "malformed answer"),
     ],
     ids=["400", "503-loading", "500", "error-event", "no-final-event", "cut", "error-after-the-end", "malformed"],
 )
@@ -286,12 +286,12 @@ async def test_a_crashed_child_is_named_with_its_exit_code(llama: Llama, tmp_pat
         await c.send({"id": 1, "op": "generate", "model": "m", "prompt": "x"})
         events = await c.until_final(1)
         assert [e["event"] for e in events] == ["token", "error"]
-        assert events[-1]["code"] == "server_error"
+        assert events[-1]["code"] == "upstream_error"
         assert events[-1]["message"] == "llama-server (pid 4242) exited with code -9"
         # Later requests are refused at once, without reaching llama-server.
         await c.send({"id": 2, "op": "chat", "model": "m", "messages": [{"role": "user", "content": "x"}]})
         event = await c.event()
-        assert (event["code"], event["message"]) == ("server_error", "llama-server (pid 4242) exited with code -9")
+        assert (event["code"], event["message"]) == ("upstream_error", "llama-server (pid 4242) exited with code -9")
     assert len(llama.requests) == 1
 
 

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 
 from llamaproc import IncompleteStreamError, ServerError, StreamError
-from llamaproc.protocol import EventParser, sse_events
+from llamaproc.protocol import EventParser, SSEDecoder, sse_events
 from llamaproc.types import Completion, Timings, Token, Usage
 
 
-def feed(pieces: list[bytes]) -> tuple[list[str], bytes]:
+def feed(pieces: list[bytes]) -> tuple[list[bytes], bytes]:
     """Every event of ``pieces`` fed one after the other, as a reader does; and what is left."""
-    events: list[str] = []
+    events: list[bytes] = []
     pending = b""
     for piece in pieces:
         new, pending = sse_events(pending + piece)
@@ -34,7 +34,7 @@ STREAM = (
     "event: empty\n\n"  # no data: no event
     "data: unfinished"
 )
-EVENTS = ['{"content":"Grüße"}', "🦙", "one\ntwo\n", "[DONE]"]
+EVENTS = [e.encode() for e in ['{"content":"Grüße"}', "🦙", "one\ntwo\n", "[DONE]"]]
 
 
 @pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
@@ -47,30 +47,46 @@ def test_events_from_any_split(newline: str, size: int) -> None:
 
 
 def test_one_call_gives_every_complete_event() -> None:
-    assert sse_events(b"data: a\n\ndata: b\n\ndata: c\n") == (["a", "b"], b"data: c\n")
+    assert sse_events(b"data: a\n\ndata: b\n\ndata: c\n") == ([b"a", b"b"], b"data: c\n")
     assert sse_events(b"data: a\n") == ([], b"data: a\n")
     assert sse_events(b"") == ([], b"")
-    assert sse_events(b"\n\n\n\ndata: x\n\n\n") == (["x"], b"")
+    assert sse_events(b"\n\n\n\ndata: x\n\n\n") == ([b"x"], b"")
 
 
 def test_a_cr_at_the_end_waits_for_the_next_bytes() -> None:
     # "\r" then "\n" is one line end (CRLF) ...
     assert sse_events(b"data: a\r") == ([], b"data: a\r")
-    assert sse_events(b"data: a\r" + b"\ndata: b\r\n\r\n") == (["a\nb"], b"")
+    assert sse_events(b"data: a\r" + b"\ndata: b\r\n\r\n") == ([b"a\nb"], b"")
     # ... "\r" then anything else is a line end of its own.
     assert feed([b"data: a\r", b"\r"]) == ([], b"data: a\n\r")
-    assert feed([b"data: a\r", b"\r", b"data: b\r\r"]) == (["a"], b"data: b\n\r")
-    assert feed([b"data: a\r", b"\r", b"data: b\r\r", b"data: c"]) == (["a", "b"], b"data: c")
+    assert feed([b"data: a\r", b"\r", b"data: b\r\r"]) == ([b"a"], b"data: b\n\r")
+    assert feed([b"data: a\r", b"\r", b"data: b\r\r", b"data: c"]) == ([b"a", b"b"], b"data: c")
 
 
-def test_bytes_that_are_not_utf8_are_replaced() -> None:
-    assert sse_events(b"data: \xff!\n\n") == (["\ufffd!"], b"")
+def test_bytes_that_are_not_utf8_are_kept_and_refused_by_the_parser() -> None:
+    assert sse_events(b"data: \xff!\n\n") == ([b"\xff!"], b"")
+    with pytest.raises(ServerError, match="malformed"):
+        EventParser("native").parse(b'{"content": "\xff"}')
+
+
+def test_the_decoder_bounds_an_unfinished_event() -> None:
+    decoder = SSEDecoder(max_event_size=10)
+    assert decoder.feed(b"data: 12345\n\n") == [b"12345"]
+    with pytest.raises(ServerError, match="larger than 10 bytes"):
+        decoder.feed(b"data: " + b"x" * 20)
+
+
+def test_the_decoder_ends_an_event_held_by_a_last_cr() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\r\r") == []  # the second CR may be the start of a CRLF
+    assert decoder.end() == [b"a"]
+    assert decoder.end() == []
 
 
 def test_a_character_split_between_reads_is_whole() -> None:
     data = "data: 日本\n\n".encode()
     events, rest = feed([data[:7], data[7:]])  # inside 日
-    assert (events, rest) == (["日本"], b"")
+    assert (events, rest) == (["日本".encode()], b"")
 
 
 # --- EventParser ---------------------------------------------------------------------------------

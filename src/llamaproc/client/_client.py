@@ -378,7 +378,8 @@ class TokenStream:
 class LlamaClient:
     """Async client for one llama-server.
 
-    ``LlamaClient("http://127.0.0.1:8080")``. Use ``async with`` or call
+    ``LlamaClient("http://127.0.0.1:8080")``; ``api_key`` for a server started with
+    one (``--api-key``, ``LLAMA_API_KEY``). Use ``async with`` or call
     :meth:`aclose`; closing the client also closes every stream it opened.
     Safe for concurrent use by many tasks.
     """
@@ -391,8 +392,11 @@ class LlamaClient:
         transport: httpx.AsyncBaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
         max_connections: int = 256,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        if api_key is not None:
+            headers = {**(headers or {}), "Authorization": f"Bearer {api_key}"}
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,

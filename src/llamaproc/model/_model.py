@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,27 +27,46 @@ from ..errors import (
     ModelFileError,
     ServerCrashedError,
     ServerError,
+    ServerHungError,
     TransportError,
 )
 from ..process import ServerProcess
-from ..protocol import MAX_TOKENS, TEMPERATURE, chat_params, check_int, check_prompt, completion_params
-from ..types import Completion, GGUFInfo, ModelInfo, RequestMetrics
+from ..protocol import MAX_TOKENS, TEMPERATURE, chat_params, check_inputs, check_int, check_prompt, completion_params
+from ..types import Completion, GGUFInfo, Health, ModelInfo, RequestMetrics
 
 __all__ = ["TextModel", "load_model"]
 
 _log = logging.getLogger("llamaproc")
 
+#: How long a request's failure waits for the child's exit status when the connection was cut (the cut is seen first).
+_EXIT_WAIT = 0.5
+
+
 class TextModel:
     """A loaded model, served by its own llama-server child.
 
-    Made by :func:`load_model`. ``async with model:`` closes it on exit.
+    Made by :func:`load_model`. ``async with model:`` closes it on exit. It is
+    also an :class:`~llamaproc.runtime.Endpoint`, the protocol the supervisor,
+    the pool and the daemon use: ``base_url`` and ``api_key`` say where and how
+    to send requests, ``health()``, ``progress()``, ``wait()``, ``explain()``,
+    ``kill()`` and ``close()`` watch and stop it.
     """
 
-    def __init__(self, process: ServerProcess, client: LlamaClient, *, path: Path, backend: Backend) -> None:
+    def __init__(
+        self,
+        process: ServerProcess,
+        client: LlamaClient,
+        *,
+        path: Path,
+        backend: Backend,
+        api_key: str | None = None,
+    ) -> None:
         self._process = process
         self._client = client
         self.path = path
         self.backend = backend
+        self._api_key = api_key
+        self._hung: str | None = None
         self._closed = False
         self._gguf: GGUFInfo | None = None
         #: The last error any call on this model raised (kept after it was raised).
@@ -76,6 +96,11 @@ class TextModel:
         return self._closed
 
     @property
+    def api_key(self) -> str | None:
+        """The key the child wants (``Authorization: Bearer KEY``): random, made at load, known to this process only."""
+        return self._api_key
+
+    @property
     def output(self) -> str:
         """The child's output so far (bounded: its first and last lines)."""
         return self._process.output.text()
@@ -89,32 +114,37 @@ class TextModel:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    # -- errors ---------------------------------------------------------------------------------
+    # -- the endpoint: health, failures ---------------------------------------------------------
 
-    def _check(self) -> None:
-        if self._closed:
-            raise ClosedError("the model is closed")
-        if self._process.returncode is not None:
-            raise self._record(self._crashed())
+    async def health(self) -> Health:
+        """``GET /health`` of the child (``status="loading"`` while it loads); raises when it does not answer."""
+        self._check()
+        return await self._client.health()
 
-    def _crashed(self) -> ServerCrashedError:
-        code = self._process.returncode
-        return ServerCrashedError(
-            f"llama-server (pid {self.pid}) exited with code {code}",
-            returncode=code,
-            output=self._process.output.summary(),
-            pid=self.pid,
-        )
+    def progress(self) -> float | None:
+        """The child's CPU seconds so far (``None`` once it is gone): growth means it is working."""
+        return self._process.cpu_seconds()
 
-    def _record(self, error: LlamaprocError) -> LlamaprocError:
-        self.last_error = error
-        return error
+    async def wait(self) -> int | None:
+        """Return once the child has exited (its exit status); does not stop it."""
+        return await self._process.wait()
 
-    async def _explain(self, error: LlamaprocError) -> LlamaprocError:
-        """Turn a server error into ServerCrashedError when the child is what died.
+    def kill(self, reason: str) -> None:
+        """SIGKILL the child because it hangs; the errors of the requests it cut then say ``reason``."""
+        if self._hung is None:
+            self._hung = reason
+        self._process.kill()
 
-        A call cut short by :meth:`close` raises ClosedError, as a stream does.
-        """
+    def describe_exit(self) -> str:
+        """``llama-server pid N exited with code C: <last lines>``, or the hang that got it killed."""
+        tail = [line for line in self._process.output.text().splitlines() if line.strip()][-5:]
+        what = str(self._crashed().args[0])
+        return what + ((": " + " | ".join(tail)) if tail else "")
+
+    async def explain(self, error: LlamaprocError) -> LlamaprocError:
+        """What a failed call means: :class:`ServerCrashedError` (or :class:`ServerHungError`) when the
+        child is what died, :class:`ClosedError` when :meth:`close` cut it short, else ``error`` itself.
+        Also kept as :attr:`last_error`."""
         if isinstance(error, ServerError) and self._closed:
             closed = ClosedError("the model was closed during the call")
             closed.__cause__ = error
@@ -123,14 +153,34 @@ class TextModel:
             if isinstance(error, (TransportError, IncompleteStreamError)):
                 # A cut connection is seen before the exit status: give the kernel a moment.
                 # (An error answer came from a live server: no need to wait for that.)
-                with anyio.move_on_after(0.5):
+                with anyio.move_on_after(_EXIT_WAIT):
                     while self._process.returncode is None:
                         await anyio.sleep(0.01)
             if self._process.returncode is not None:
                 crashed = self._crashed()
                 crashed.__cause__ = error
                 error = crashed
-        return self._record(error)
+        self.last_error = error
+        return error
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedError("the model is closed")
+        if self._process.returncode is not None:
+            self.last_error = error = self._crashed()
+            raise error
+
+    def _crashed(self) -> ServerCrashedError:
+        code = self._process.returncode
+        output = self._process.output.summary()
+        if self._hung is not None:
+            return ServerHungError(
+                f"llama-server (pid {self.pid}) stopped answering and was killed: {self._hung}",
+                reason=self._hung, returncode=code, output=output, pid=self.pid,
+            )  # fmt: skip
+        return ServerCrashedError(
+            f"llama-server (pid {self.pid}) exited with code {code}", returncode=code, output=output, pid=self.pid
+        )
 
     async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         self._check()
@@ -139,13 +189,13 @@ class TextModel:
         except InvalidArgumentError:
             raise  # the call's own mistake, not a failure of the model
         except LlamaprocError as exc:
-            error = await self._explain(exc)
+            error = await self.explain(exc)
             if error is exc:
                 raise
             raise error from exc
 
     def _stream(self, stream: TokenStream) -> TokenStream:
-        stream.error_hook = self._explain
+        stream.error_hook = self.explain
         stream.done_hook = self._finished
         return stream
 
@@ -214,10 +264,7 @@ class TextModel:
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One embedding vector per text (the model must be loaded with ``embeddings=True``)."""
-        if isinstance(texts, str):
-            raise InvalidArgumentError("embed() takes a list of strings; wrap a single text in a list")
-        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-            raise InvalidArgumentError(f"embed() takes a sequence of strings, not {texts!r:.80}")
+        texts = check_inputs(texts)
         result: list[list[float]] = await self._call(self._client.embeddings, texts)
         return result
 
@@ -338,10 +385,13 @@ async def load_model(
         logger = log_output
     else:
         logger = None
+    # The child answers only to this process: a random key, passed in the environment (not on the
+    # command line, which every local user can read), that nobody else knows.
+    api_key = secrets.token_urlsafe(24)
     process = await ServerProcess.start(
         backend.binary,
         argv,
-        env={**backend.env, **(env or {})},
+        env={**backend.env, **(env or {}), "LLAMA_API_KEY": api_key},
         devices=devices,
         startup_timeout=startup_timeout,
         grace=grace,
@@ -350,9 +400,9 @@ async def load_model(
     timeout = DEFAULT_TIMEOUT if request_timeout is None else DEFAULT_TIMEOUT.__class__(
         connect=5.0, read=request_timeout, write=30.0, pool=None
     )
-    client = LlamaClient(process.base_url, timeout=timeout)
+    client = LlamaClient(process.base_url, timeout=timeout, api_key=api_key)
     _log.debug("loaded %s: pid %d at %s", model_path, process.pid, process.base_url)
-    return TextModel(process, client, path=model_path, backend=backend)
+    return TextModel(process, client, path=model_path, backend=backend, api_key=api_key)
 
 
 def _pooling_for(path: Path) -> str | None:

@@ -68,6 +68,8 @@ _USAGE_INTERVAL = 0.5
 #: CPU time growth that counts as progress, as a fraction of the time between two checks: a server
 #: answering our /health polls uses far less, a loading model far more.
 _CPU_PROGRESS = 0.1
+#: How often the exit status is polled where no pidfd is available.
+_POLL_INTERVAL = 0.05
 #: After the first SIGTERM, wait this long (at most) before the second.
 _SECOND_TERM = 0.2
 
@@ -517,6 +519,56 @@ class ServerProcess:
                 # The pipe closes with the child; a grandchild holding it open must not hang us.
                 await anyio.to_thread.run_sync(self._reader.join, 2.0, abandon_on_cancel=True)
         return self._popen.returncode
+
+    # -- watching -------------------------------------------------------------------------------
+
+    async def wait(self) -> int:
+        """Return the exit status once the child has exited (and been reaped); does not stop it.
+
+        On Linux a pidfd wakes the wait the moment the child exits; elsewhere
+        the status is polled every 50 ms. Cancellable.
+        """
+        code = self.returncode
+        if code is not None:
+            return code
+        fd = -1
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            # No await between the returncode check and here: the pid is still our unreaped child.
+            try:
+                fd = pidfd_open(self.pid)
+            except OSError:
+                fd = -1
+        if fd >= 0:
+            try:
+                await anyio.wait_readable(fd)
+            finally:
+                os.close(fd)
+            delay = 0.001
+            while (code := self.returncode) is None:  # readable means exited; reaping follows at once
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _POLL_INTERVAL)
+            return code
+        while (code := self.returncode) is None:
+            await anyio.sleep(_POLL_INTERVAL)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group at once (a hung server); :meth:`stop` still reaps it."""
+        if self._poll() is None:
+            self._signal(signal.SIGKILL)
+
+    def cpu_seconds(self) -> float | None:
+        """The child's CPU time so far (user + system), ``None`` once it is gone.
+
+        Growing CPU time tells a busy server (a long prompt being processed)
+        from a hung one.
+        """
+        try:
+            cpu = psutil.Process(self.pid).cpu_times()
+        except (psutil.Error, OSError):
+            return None
+        return float(cpu.user + cpu.system)
 
 
 def _connect_host(host: str) -> str:

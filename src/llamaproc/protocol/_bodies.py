@@ -16,12 +16,19 @@ from ..errors import InvalidArgumentError, ServerLoadingError, StatusError
 
 __all__ = [
     "MAX_TOKENS",
+    "OPENAI_REQUIRED",
     "TEMPERATURE",
     "chat_body",
     "chat_params",
     "chat_request_body",
+    "check_generation",
+    "check_inputs",
     "check_int",
+    "check_messages",
+    "check_number",
+    "check_openai_request",
     "check_prompt",
+    "check_stop",
     "completion_body",
     "completion_params",
     "encode_json",
@@ -49,7 +56,9 @@ def check_prompt(prompt: Any) -> str | list[int]:
         ids = list(prompt)
         if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             return ids
-    raise InvalidArgumentError(f"prompt must be a string or a sequence of token ids (ints), not {prompt!r:.80}")
+    raise InvalidArgumentError(
+        f"prompt must be a string or a sequence of token ids (ints), not {prompt!r:.80}", param="prompt"
+    )
 
 
 def status_error(status: int, raw: bytes, url: str) -> StatusError:
@@ -75,28 +84,84 @@ def chat_body(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) 
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None, optional: bool = False) -> None:
+    """``value`` is an int (not a bool), at least ``minimum``; ``None`` too when ``optional``."""
     if value is None and optional:
         return
     if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be an int{' or None' if optional else ''}, not {value!r:.80}")
+        raise InvalidArgumentError(
+            f"{name} must be an int{' or None' if optional else ''}, not {value!r:.80}", param=name
+        )
     if minimum is not None and value < minimum:
-        raise InvalidArgumentError(f"{name} must be at least {minimum}, not {value}")
+        raise InvalidArgumentError(f"{name} must be at least {minimum}, not {value}", param=name)
 
 
-def _generation_params(
-    max_tokens: object, temperature: object, stop: object, params: dict[str, Any]
-) -> dict[str, Any]:
-    """Check the common generation options; ``stop`` becomes a list (a lone string is one stop string)."""
-    check_int("max_tokens", max_tokens, minimum=-1)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise InvalidArgumentError(f"temperature must be a number, not {temperature!r:.80}")
-    params["temperature"] = temperature
+def check_number(name: str, value: object, *, optional: bool = False) -> None:
+    """``value`` is an int or a float (not a bool); ``None`` too when ``optional``."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be a number, not {value!r:.80}", param=name)
+
+
+def check_stop(stop: object) -> list[str] | None:
+    """``stop`` as a list: a string is one stop string, a sequence of strings is kept, ``None`` is none."""
+    if stop is None:
+        return None
     if isinstance(stop, str):
-        params["stop"] = [stop]
-    elif isinstance(stop, Sequence) and not isinstance(stop, bytes) and all(isinstance(x, str) for x in stop):
-        params["stop"] = list(stop)
-    elif stop is not None:
-        raise InvalidArgumentError(f"stop must be a string or a sequence of strings, not {stop!r:.80}")
+        return [stop]
+    if isinstance(stop, Sequence) and not isinstance(stop, (bytes, bytearray)) and all(
+        isinstance(x, str) for x in stop
+    ):
+        return list(stop)
+    raise InvalidArgumentError(f"stop must be a string or a sequence of strings, not {stop!r:.80}", param="stop")
+
+
+def check_messages(messages: object) -> list[Mapping[str, Any]]:
+    """A chat: a non-empty sequence of mappings such as ``{"role": "user", "content": "hi"}``."""
+    if (
+        isinstance(messages, (str, bytes, Mapping))
+        or not isinstance(messages, Sequence)
+        or not messages
+        or not all(isinstance(m, Mapping) for m in messages)
+    ):
+        raise InvalidArgumentError(
+            f"messages must be a non-empty sequence of mappings such as {{'role': 'user', 'content': 'hi'}}, "
+            f"not {messages!r:.80}",
+            param="messages",
+        )
+    return list(messages)
+
+
+def check_inputs(inputs: object) -> list[str]:
+    """Texts to embed: a non-empty sequence of strings."""
+    if isinstance(inputs, str):
+        raise InvalidArgumentError(
+            "embed() takes a list of strings; wrap a single text in a list", param="input"
+        )
+    if not isinstance(inputs, Sequence) or isinstance(inputs, (bytes, bytearray)) or not inputs or not all(
+        isinstance(t, str) for t in inputs
+    ):
+        raise InvalidArgumentError(f"input must be a non-empty sequence of strings, not {inputs!r:.80}", param="input")
+    return list(inputs)
+
+
+def check_generation(params: dict[str, Any], *, null: bool = True) -> dict[str, Any]:
+    """Check the generation options every way in shares, in place: ``max_tokens`` (an int, -1 for no
+    limit), ``temperature`` (a number) and ``stop`` (made a list). Others pass through to llama-server.
+
+    ``null``: whether ``None`` stands for "not given" (JSON ``null`` in a request body), as it does not
+    for the keyword arguments of the library.
+    """
+    if "max_tokens" in params:
+        check_int("max_tokens", params["max_tokens"], minimum=-1, optional=null)
+    if "temperature" in params:
+        check_number("temperature", params["temperature"], optional=null)
+    if "stop" in params:
+        stop = check_stop(params["stop"])
+        if stop is None:
+            del params["stop"]
+        else:
+            params["stop"] = stop
     return params
 
 
@@ -105,24 +170,24 @@ def completion_params(
 ) -> dict[str, Any]:
     """The ``/completion`` parameters of :meth:`TextModel.generate` and :meth:`TextModel.complete` (checked)."""
     if "n_predict" in params:
-        raise InvalidArgumentError("give the number of tokens to generate as max_tokens, not n_predict")
-    params = _generation_params(max_tokens, temperature, stop, params)
-    return {"n_predict": max_tokens, **params}
+        raise InvalidArgumentError(
+            "give the number of tokens to generate as max_tokens, not n_predict", param="n_predict"
+        )
+    params = check_generation(
+        {**params, "max_tokens": max_tokens, "temperature": temperature, "stop": stop}, null=False
+    )
+    return {"n_predict": params.pop("max_tokens"), **params}
 
 
 def chat_params(
     messages: object, max_tokens: object, temperature: object, stop: object, params: dict[str, Any]
 ) -> dict[str, Any]:
     """The ``/v1/chat/completions`` parameters of :meth:`TextModel.chat` (checked, ``messages`` too)."""
-    params = _generation_params(max_tokens, temperature, stop, params)
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not all(
-        isinstance(m, Mapping) for m in messages
-    ):
-        raise InvalidArgumentError(
-            f"messages must be a sequence of mappings such as {{'role': 'user', 'content': 'hi'}}, "
-            f"not {messages!r:.80}"
-        )
-    return {"max_tokens": max_tokens, **params}
+    params = check_generation(
+        {**params, "max_tokens": max_tokens, "temperature": temperature, "stop": stop}, null=False
+    )
+    check_messages(messages)
+    return {"max_tokens": params.pop("max_tokens"), **params}
 
 
 def generate_request_body(
@@ -139,3 +204,34 @@ def chat_request_body(
 ) -> dict[str, Any]:
     """The streamed ``/v1/chat/completions`` body :meth:`TextModel.chat` sends for these arguments (checked)."""
     return chat_body(messages, chat_params(messages, max_tokens, temperature, stop, params))
+
+
+#: The field each OpenAI route of the daemon needs besides ``model``.
+OPENAI_REQUIRED = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "input"}
+
+
+def check_openai_request(path: str, body: object) -> dict[str, Any]:
+    """The checks the daemon makes on an OpenAI request body before it forwards it as it came.
+
+    ``model`` must be a string and the route's own field present (``messages``
+    a non-empty list of objects for chat); ``stream`` a boolean; the common
+    generation options as :func:`check_generation` wants them. Everything else
+    is llama-server's to judge. Raises :class:`InvalidArgumentError` naming the
+    field (``param``).
+    """
+    if not isinstance(body, dict):
+        raise InvalidArgumentError("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str):
+        what = "missing required field 'model'" if model is None else "'model' must be a string"
+        raise InvalidArgumentError(what, param="model")
+    field = OPENAI_REQUIRED.get(path)
+    if field is not None and field not in body:
+        raise InvalidArgumentError(f"missing required field {field!r}", param=field)
+    if field == "messages":
+        check_messages(body["messages"])
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidArgumentError("'stream' must be a boolean", param="stream")
+    check_generation(dict(body))  # the body is forwarded as it came: check a copy
+    return body

@@ -27,7 +27,8 @@ class EventParser:
     """The tokens and the summary of one streamed generation, from the ``data`` of its SSE events.
 
     Knows llama-server's JSON, not how the events arrive: :meth:`parse` takes
-    one event's data and returns its token, if it has one; :attr:`done` is
+    one event's data (bytes, as :class:`SSEDecoder` gives it, or text) and
+    returns its token, if it has one; :attr:`done` is
     set by the final event (native ``"stop": true``, OpenAI ``[DONE]``). A
     malformed event raises :class:`ServerError`, an error event
     :class:`StreamError`.
@@ -42,8 +43,8 @@ class EventParser:
         self.done = False
         self.result: Completion | None = None
 
-    def parse(self, data: str) -> Token | None:
-        if self.kind != "native" and data == "[DONE]":
+    def parse(self, data: bytes | str) -> Token | None:
+        if self.kind != "native" and (data == b"[DONE]" or data == "[DONE]"):
             self.done = True
             return None
         try:
@@ -57,10 +58,10 @@ class EventParser:
             # ValueError covers bad JSON and pydantic validation.
             raise ServerError(f"malformed answer from llama-server: {exc!r}") from exc
 
-    def after_end(self, data: str) -> None:
+    def after_end(self, data: bytes | str) -> None:
         """An event after the final one: an error event raises (a request for several prompts
         gives one per failed prompt); anything else is not part of this answer."""
-        if data.startswith("{"):
+        if data[:1] in (b"{", "{"):
             try:
                 obj = json.loads(data)
             except ValueError:

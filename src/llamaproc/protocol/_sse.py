@@ -16,14 +16,15 @@ __all__ = ["MAX_EVENT_SIZE", "SSEDecoder", "sse_events"]
 MAX_EVENT_SIZE = 16 * 1024 * 1024
 
 
-def sse_events(data: bytes) -> tuple[list[str], bytes]:
+def sse_events(data: bytes) -> tuple[list[bytes], bytes]:
     """Split a server-sent event stream: the ``data`` of each complete event in ``data``, and the rest.
 
     ``data`` is what the previous call left over followed by the new bytes.
     Lines end with LF, CRLF or CR; several ``data:`` lines of one event are
     joined with LF; comment lines (``:``) and other fields are skipped, and
     an event without data is no event. A CR at the very end is kept for the
-    next call, which tells whether an LF follows it.
+    next call, which tells whether an LF follows it. The data stays bytes:
+    JSON parsers take bytes, and a relay passes them on as they are.
     """
     held = b""
     if b"\r" in data:
@@ -33,7 +34,7 @@ def sse_events(data: bytes) -> tuple[list[str], bytes]:
     end = data.rfind(b"\n\n")
     if end < 0:
         return [], data + held
-    events: list[str] = []
+    events: list[bytes] = []
     for block in data[:end].split(b"\n\n"):
         parts = []
         for line in block.split(b"\n"):
@@ -42,7 +43,7 @@ def sse_events(data: bytes) -> tuple[list[str], bytes]:
             elif line == b"data":
                 parts.append(b"")
         if parts:
-            events.append((parts[0] if len(parts) == 1 else b"\n".join(parts)).decode("utf-8", "replace"))
+            events.append(parts[0] if len(parts) == 1 else b"\n".join(parts))
     return events, data[end + 2 :] + held
 
 
@@ -59,7 +60,7 @@ class SSEDecoder:
         self._pending = b""
         self.max_event_size = max_event_size
 
-    def feed(self, data: bytes) -> list[str]:
+    def feed(self, data: bytes) -> list[bytes]:
         """The data of every event completed by ``data``."""
         events, pending = sse_events(self._pending + data if self._pending else data)
         if len(pending) > self.max_event_size:
@@ -68,7 +69,7 @@ class SSEDecoder:
         self._pending = pending
         return events
 
-    def end(self) -> list[str]:
+    def end(self) -> list[bytes]:
         """At the end of the body: the events completed by a line end held back (a CR that no LF followed)."""
         pending, self._pending = self._pending, b""
         if pending.endswith(b"\r"):

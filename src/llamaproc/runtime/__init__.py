@@ -1,12 +1,15 @@
-"""Keeping models served: the config, the supervisor of one model, the pool of many, the pid lock."""
+"""Keeping models served: the endpoint protocol, the config, the supervisor of one model, the pool of many,
+the pid lock."""
 
 from ._config import ModelConfig, ServeConfig, load_config, parse_duration, parse_size
+from ._endpoint import Endpoint, Loader
 from ._pidlock import PidLock, read_pid
 from ._pool import ModelPool, PoolStats, estimate_memory
-from ._supervisor import Condition, Loader, ModelStatus, Phase, Supervisor
+from ._supervisor import Condition, ModelStatus, Phase, Supervisor
 
 __all__ = [
     "Condition",
+    "Endpoint",
     "Loader",
     "ModelConfig",
     "ModelPool",

@@ -143,7 +143,14 @@ def _path(value: Any) -> Any:
     return value
 
 
+def _override_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    return math.inf if seconds is None else seconds
+
+
 _OptionalDuration = Annotated[float | None, BeforeValidator(_optional_duration)]
+#: A model's own value of a daemon-wide duration: absent means the daemon's; "never" (or 0) is ``inf``.
+_OverrideDuration = Annotated[float, BeforeValidator(_override_duration)]
 _PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
 
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
@@ -185,6 +192,7 @@ class ModelConfig(BaseModel):
     args: tuple[StrictStr, ...] = ()
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     binary: StrictStr | None = None
+    stall_timeout: _OverrideDuration | None = None
 
     @field_validator("path")
     @classmethod
@@ -216,6 +224,11 @@ class ServeConfig(BaseModel):
     deadline (30s). ``restart_backoff`` (0.5s) doubles after each crash up to
     ``restart_backoff_max`` (30s); more than ``max_restarts`` (5) restarts
     within ``restart_window`` (60s) marks the model failed.
+    ``stall_timeout`` (30s): a running generation that receives nothing from
+    its server for this long while the server uses no CPU fails, and the server
+    is killed and restarted as hung ("never": no limit; a model's own
+    ``stall_timeout`` overrides it). ``write_timeout`` (30s): how long a write to
+    a client may block before the client counts as gone.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -229,6 +242,8 @@ class ServeConfig(BaseModel):
     restart_backoff_max: _PositiveDuration = 30.0
     max_restarts: StrictInt = Field(default=5, ge=0)
     restart_window: _PositiveDuration = 60.0
+    stall_timeout: _OptionalDuration = 30.0
+    write_timeout: _PositiveDuration = 30.0
     models: dict[_ModelName, ModelConfig] = Field(min_length=1)
     preload: tuple[StrictStr, ...] = ()
 

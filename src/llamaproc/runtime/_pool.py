@@ -53,7 +53,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Self
+from typing import Any, Generic, Self
 
 import anyio
 import anyio.abc
@@ -69,9 +69,10 @@ from ..errors import (
     ShuttingDownError,
     UsageError,
 )
-from ..model import TextModel, load_model
+from ..model import load_model
 from ._config import ModelConfig, ServeConfig
-from ._supervisor import Loader, ModelStatus, Phase, Supervisor, _Unloaded
+from ._endpoint import Loader
+from ._supervisor import E, ModelStatus, Phase, Supervisor, _Unloaded
 
 __all__ = ["ModelPool", "PoolStats", "estimate_memory"]
 
@@ -149,7 +150,7 @@ class _Waiter:
 class _Entry:
     """The pool's view of one model."""
 
-    def __init__(self, name: str, config: ModelConfig, supervisor: Supervisor) -> None:
+    def __init__(self, name: str, config: ModelConfig, supervisor: Supervisor[Any]) -> None:
         self.name = name
         self.config = config
         self.supervisor = supervisor
@@ -183,10 +184,13 @@ class _Entry:
 # --- the pool --------------------------------------------------------------------------------------
 
 
-class ModelPool:
+class ModelPool(Generic[E]):
     """Named models from a :class:`ServeConfig`, loaded on demand; see the module docs.
 
-    ``loader`` loads one model (default :func:`llamaproc.load_model`).
+    ``loader`` loads one model (default :func:`llamaproc.load_model`, which
+    makes a :class:`~llamaproc.TextModel`); what it returns is an
+    :class:`~llamaproc.runtime.Endpoint`, and that is what :meth:`acquire`
+    hands out.
     ``health_interval`` is the supervisors' ``/health`` probe period
     (``None``: exit watch only), ``health_timeout`` the time each probe may
     take and ``health_failures`` the failed probes in a row that count as a
@@ -308,7 +312,7 @@ class ModelPool:
                 waiter.event.set()
         self._notify()
 
-    def _supervisor_changed(self, supervisor: Supervisor, event: str) -> None:
+    def _supervisor_changed(self, supervisor: Supervisor[Any], event: str) -> None:
         entry = self._entries[supervisor.name]
         if event == "serving":
             self.stats.loads += 1
@@ -355,7 +359,7 @@ class ModelPool:
             )
         return result
 
-    def supervisor(self, name: str) -> Supervisor:
+    def supervisor(self, name: str) -> Supervisor[E]:
         """The supervisor of model ``name`` (its last error, conditions, ...)."""
         return self._entry(name).supervisor
 
@@ -369,12 +373,12 @@ class ModelPool:
             return self._entries[name]
         except KeyError:
             known = ", ".join(self._entries) or "none"
-            raise ModelNotFoundError(f"no model named {name!r} (configured: {known})") from None
+            raise ModelNotFoundError(f"no model named {name[:100]!r} (configured: {known[:500]})") from None
 
     # -- requests ---------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def acquire(self, name: str) -> AsyncIterator[TextModel]:
+    async def acquire(self, name: str) -> AsyncIterator[E]:
         """Hold a slot of model ``name``, loaded, for the ``async with`` block.
 
         Raises :class:`ModelNotFoundError`, :class:`QueueFullError` (at once,
@@ -464,7 +468,7 @@ class ModelPool:
             self._reserved.append(entry)
         self._notify()
 
-    async def _ready(self, entry: _Entry) -> TextModel:
+    async def _ready(self, entry: _Entry) -> E:
         """Return the model of ``entry``, loading it (after making room) when needed.
 
         Waits only for things that end on their own: a load in progress, an
@@ -481,7 +485,8 @@ class ModelPool:
                 continue
             if sup.active:
                 try:
-                    return await sup.ready()
+                    model: E = await sup.ready()
+                    return model
                 except _Unloaded:
                     continue  # unloaded under us: load it again
             if self._room_holder is not None:
@@ -636,7 +641,7 @@ class ModelPool:
                 _log.error("preloading model %s failed: %s", name, exc)
 
 
-def _failed(supervisor: Supervisor) -> bool:
+def _failed(supervisor: Supervisor[Any]) -> bool:
     return supervisor.phase is Phase.FAILED
 
 

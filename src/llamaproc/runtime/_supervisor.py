@@ -31,39 +31,35 @@ loading at once), or call :meth:`Supervisor.run` in a task group of your own
 from __future__ import annotations
 
 import collections
-import contextlib
 import enum
 import logging
 import math
-import os
-import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Generic, Literal, Self
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 from pydantic import BaseModel
+from typing_extensions import TypeVar
 
-from ..client import LlamaClient
 from ..errors import LlamaprocError, ModelUnavailableError, ShuttingDownError, UsageError
 from ..model import TextModel, load_model
 from ._config import ModelConfig
+from ._endpoint import Endpoint, Loader
 
-__all__ = ["Condition", "Loader", "ModelStatus", "Phase", "Supervisor"]
+__all__ = ["Condition", "ModelStatus", "Phase", "Supervisor"]
 
 _log = logging.getLogger("llamaproc.supervisor")
 
-#: How often ``returncode`` is polled where no pidfd is available.
-_POLL_INTERVAL = 0.05
 #: How long a crashed model's client stays open for its requests to see the crash.
 _RETIRE_DELAY = 1.0
 
-
-#: Anything called like :func:`llamaproc.load_model` (a path, then keywords) that returns a TextModel.
-Loader = Callable[..., Awaitable[TextModel]]
+#: The kind of endpoint a supervisor (and a pool) hands out: a TextModel unless its loader makes another.
+E = TypeVar("E", bound=Endpoint, default=TextModel)
 
 
 class Phase(enum.StrEnum):
@@ -118,10 +114,11 @@ class _Unloaded(ModelUnavailableError):
     """ready() was called, or was waiting, while the model is not wanted (stopped or never started)."""
 
 
-class Supervisor:
+class Supervisor(Generic[E]):
     """Load one model, keep it serving, restart it when it crashes.
 
-    ``loader`` is called as ``loader(config.path, binary=..., parallel=...,
+    What it supervises is an :class:`~llamaproc.runtime.Endpoint` (a
+    :class:`~llamaproc.TextModel` with the default loader). ``loader`` is called as ``loader(config.path, binary=..., parallel=...,
     ctx_size=..., gpu_layers=..., threads=..., embeddings=..., args=...,
     env=...)`` (default :func:`llamaproc.load_model`). ``health_interval``
     seconds between ``/health`` probes (``None`` disables probing), each
@@ -145,7 +142,7 @@ class Supervisor:
         health_interval: float | None = 1.0,
         health_timeout: float | None = None,
         health_failures: int = 3,
-        on_change: Callable[[Supervisor, str], None] | None = None,
+        on_change: Callable[[Supervisor[Any], str], None] | None = None,
     ) -> None:
         if restart_backoff <= 0 or restart_backoff_max < restart_backoff:
             raise ValueError("need 0 < restart_backoff <= restart_backoff_max")
@@ -165,7 +162,7 @@ class Supervisor:
 
         self._phase = Phase.PENDING
         self._want = False
-        self._model: TextModel | None = None
+        self._model: E | None = None
         #: Monotonic times of the restarts inside the current window.
         self._restart_times: collections.deque[float] = collections.deque()
         self._restarts = 0
@@ -215,7 +212,7 @@ class Supervisor:
         return self._want and self._phase is not Phase.FAILED
 
     @property
-    def model(self) -> TextModel | None:
+    def model(self) -> E | None:
         """The serving model, or ``None`` unless the phase is Serving."""
         return self._model if self._phase is Phase.SERVING else None
 
@@ -228,8 +225,8 @@ class Supervisor:
         if self._model is None:
             return None
         try:
-            return int(self._model.base_url.rsplit(":", 1)[1])
-        except (LlamaprocError, ValueError, IndexError):
+            return urlsplit(self._model.base_url).port
+        except (LlamaprocError, ValueError):
             return None
 
     @property
@@ -324,7 +321,7 @@ class Supervisor:
                 self._notify("stopped")
             self._notify()
 
-    async def ready(self) -> TextModel:
+    async def ready(self) -> E:
         """Wait until the model serves and return it.
 
         Raises :class:`ModelUnavailableError` when the model is Failed, when a
@@ -448,7 +445,7 @@ class Supervisor:
         self._retirements.start_soon(self._retire, model)
         await self._after_failure(None, message)
 
-    async def _retire(self, model: TextModel) -> None:
+    async def _retire(self, model: E) -> None:
         """Close a crashed model a little later.
 
         Its child is already dead; closing its client at once would make the
@@ -461,9 +458,9 @@ class Supervisor:
             with anyio.CancelScope(shield=True):
                 await model.close()
 
-    async def _load(self) -> TextModel:
+    async def _load(self) -> E:
         cfg = self.config
-        return await self._loader(
+        model: E = await self._loader(
             cfg.path,
             binary=cfg.binary,
             parallel=cfg.parallel,
@@ -474,6 +471,7 @@ class Supervisor:
             args=cfg.args,
             env=dict(cfg.env),
         )
+        return model
 
     async def _after_failure(self, event: str | None, message: str) -> None:
         """Record a crash or failed load; then either mark Failed or sleep the backoff and return."""
@@ -504,21 +502,20 @@ class Supervisor:
 
     # -- watching -------------------------------------------------------------------------------
 
-    async def _watch(self, model: TextModel) -> tuple[str, str]:
-        """Return ``(reason, message)`` once the child has exited or stopped answering ``/health``."""
+    async def _watch(self, model: E) -> tuple[str, str]:
+        """Return ``(reason, message)`` once the endpoint has died or stopped answering its health probe."""
         outcome: list[tuple[str, str]] = []
         async with anyio.create_task_group() as tg:
 
             async def exited() -> None:
-                await _wait_exit(model)
-                outcome.append(("Crashed", f"llama-server pid {model.pid} exited with code {model.returncode}"
-                                + _output_tail(model)))  # fmt: skip
+                await model.wait()
+                outcome.append(("Crashed", model.describe_exit()))
                 tg.cancel_scope.cancel()
 
             async def unresponsive() -> None:
                 message = await self._probe_until_dead(model)
                 if model.returncode is None:
-                    _kill(model)
+                    model.kill(message)
                 outcome.append(("Unresponsive", message))
                 tg.cancel_scope.cancel()
 
@@ -527,26 +524,25 @@ class Supervisor:
                 tg.start_soon(unresponsive)
         return outcome[0]
 
-    async def _probe_until_dead(self, model: TextModel) -> str:
+    async def _probe_until_dead(self, model: E) -> str:
         interval = self.health_interval
         assert interval is not None
         failures = 0
         last = ""
-        async with LlamaClient(model.base_url, timeout=self.health_timeout, max_connections=1) as client:
-            while True:
-                await anyio.sleep(interval)
-                try:
-                    with anyio.fail_after(self.health_timeout):
-                        health = await client.health()
-                    ok = health.status == "ok"
-                    last = f"status {health.status!r}"
-                except TimeoutError:
-                    ok, last = False, f"no answer within {self.health_timeout:g} s"
-                except LlamaprocError as exc:
-                    ok, last = False, str(exc)
-                failures = 0 if ok else failures + 1
-                if failures >= self.health_failures:
-                    return f"llama-server pid {model.pid} failed {failures} health checks in a row ({last}); killed it"
+        while True:
+            await anyio.sleep(interval)
+            try:
+                with anyio.fail_after(self.health_timeout):
+                    health = await model.health()
+                ok = health.status == "ok"
+                last = f"status {health.status!r}"
+            except TimeoutError:
+                ok, last = False, f"no answer within {self.health_timeout:g} s"
+            except LlamaprocError as exc:
+                ok, last = False, str(exc).split("\n", 1)[0]
+            failures = 0 if ok else failures + 1
+            if failures >= self.health_failures:
+                return f"pid {model.pid} failed {failures} health checks in a row ({last})"
 
     # -- standalone use ---------------------------------------------------------------------------
 
@@ -571,49 +567,7 @@ class Supervisor:
         return await tg.__aexit__(exc_type, exc, tb)
 
 
-# --- process helpers -------------------------------------------------------------------------------
-
-
-async def _wait_exit(model: TextModel) -> None:
-    """Return once the model's child has exited (and been reaped)."""
-    if model.returncode is not None:
-        return
-    fd = -1
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is not None:
-        # No await between the returncode check and here: the pid is still our unreaped child.
-        with contextlib.suppress(OSError):
-            fd = pidfd_open(model.pid)
-    if fd >= 0:
-        try:
-            await anyio.wait_readable(fd)
-        finally:
-            os.close(fd)
-        while model.returncode is None:  # readable means exited; reaping follows at once
-            await anyio.sleep(0.001)
-        return
-    while model.returncode is None:
-        await anyio.sleep(_POLL_INTERVAL)
-
-
-def _kill(model: TextModel) -> None:
-    """SIGKILL a hung child's process group (it leads its own session)."""
-    try:
-        os.killpg(model.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(model.pid, signal.SIGKILL)
-
-
-def _output_tail(model: TextModel, lines: int = 5) -> str:
-    try:
-        text = model.output
-    except Exception:  # noqa: BLE001 - a model object without output
-        return ""
-    tail = [line for line in text.splitlines() if line.strip()][-lines:]
-    return (": " + " | ".join(tail)) if tail else ""
+# --- helpers ------------------------------------------------------------------------------------
 
 
 def _describe(exc: BaseException) -> str:

@@ -13,9 +13,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import LlamaprocError, PoolError
+from ..errors import LlamaprocError
+from ..protocol import OPENAI_REQUIRED, error_code, error_message, error_status
 from ._metrics import CONTENT_TYPE, ServeMetrics
-from ._proxy import DEFAULT_MAX_BODY, ProxyRoute, ProxyState, error_response, pool_error
+from ._proxy import DEFAULT_MAX_BODY, ProxyRoute, ProxyState, error_response, retry_headers
 from ._upstream import Upstream
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def _model_object(name: str, created: int) -> dict[str, Any]:
 
 
 def create_app(
-    pool: ModelPool,
+    pool: ModelPool[Any],
     *,
     client: Upstream,
     metrics: ServeMetrics | None = None,
@@ -44,7 +45,7 @@ def create_app(
     """
     if metrics is None:
         metrics = ServeMetrics(pool)
-    state = ProxyState(pool, client, metrics, max_body)
+    state = ProxyState(pool, client, metrics, max_body, write_timeout=pool.config.write_timeout)
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_object(n, state.created) for n in pool.names()]})
@@ -52,9 +53,7 @@ def create_app(
     async def get_model(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in pool.names():
-            return error_response(
-                404, f"model {name!r} not found", "invalid_request_error", code="model_not_found", param="model"
-            )
+            return error_response("model_not_found", f"model {name[:100]!r} not found", param="model")
         return JSONResponse(_model_object(name, state.created))
 
     async def api_models(request: Request) -> Response:
@@ -69,11 +68,12 @@ def create_app(
     async def _manage(name: str, action: Callable[[str], Awaitable[None]]) -> Response:
         try:
             await action(name)
-        except PoolError as exc:
-            status, type_, code, param, headers = pool_error(exc)
-            return error_response(status, str(exc), type_, code=code, param=param, headers=headers)
         except LlamaprocError as exc:
-            return error_response(503, str(exc), "server_error", code="model_unavailable")
+            code = error_code(exc)
+            param = "model" if code == "model_not_found" else None
+            return error_response(
+                code, error_message(exc), status=error_status(exc, code), param=param, headers=retry_headers(exc, code)
+            )
         return JSONResponse(_status_of(name))
 
     async def load(request: Request) -> Response:
@@ -92,18 +92,11 @@ def create_app(
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
-        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type_, code=code)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        where = f"{request.method} {request.url.path[:200]}"  # never echo a huge path back
+        return error_response(code, f"{exc.detail}: {where}", status=exc.status_code)
 
-    hot = {
-        path: ProxyRoute(path, required, state)
-        for path, required in (
-            ("/v1/chat/completions", ("messages",)),
-            ("/v1/completions", ("prompt",)),
-            ("/v1/embeddings", ("input",)),
-        )
-    }
+    hot = {path: ProxyRoute(path, state) for path in OPENAI_REQUIRED}
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", get_model, methods=["GET"]),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -43,7 +44,7 @@ from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocErr
 from ..runtime import PidLock, ServeConfig, load_config
 from ._app import create_app
 from ._metrics import ServeMetrics
-from ._proxy import DEFAULT_MAX_BODY
+from ._proxy import DEFAULT_MAX_BODY, stall_timeout_of
 from ._upstream import Upstream
 
 if TYPE_CHECKING:
@@ -287,7 +288,16 @@ async def _start_socket(
     async def run(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with scope:
             try:
-                await serve_socket(pool, path, metrics=metrics, active=active, client=client, task_status=task_status)
+                await serve_socket(
+                    pool,
+                    path,
+                    metrics=metrics,
+                    active=active,
+                    client=client,
+                    write_timeout=pool.config.write_timeout,
+                    stall_timeout=functools.partial(stall_timeout_of, pool.config),
+                    task_status=task_status,
+                )
             except OSError as exc:
                 if isinstance(exc, ListenError):
                     raise

@@ -66,36 +66,28 @@ import select
 import socket
 import stat
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
 
-from ..client import END_OF_BODY_WAIT, ERROR_BODY_LIMIT
-from ..errors import (
-    ClosedError,
-    IncompleteStreamError,
-    InvalidArgumentError,
-    LlamaprocError,
-    ModelNotFoundError,
-    ModelUnavailableError,
-    PoolError,
-    QueueFullError,
-    ServerLoadingError,
-    ShuttingDownError,
-    StatusError,
+from ..errors import InvalidArgumentError, ListenError, LlamaprocError, QueueFullError, ShuttingDownError
+from ..protocol import (
+    STREAM_PATHS,
+    chat_request_body,
+    check_inputs,
+    encode_json,
+    error_code,
+    error_message,
+    generate_request_body,
 )
-from ..model import TextModel
-from ..protocol import STREAM_PATHS, EventParser, chat_request_body, generate_request_body, sse_events, status_error
-from ..protocol import encode_json as _encode_body
+from ..runtime import Endpoint
 from ..types import Completion, Token
-from ._upstream import UpstreamError
-
-if TYPE_CHECKING:
-    from ._upstream import Upstream, UpstreamResponse
+from ._relay import StreamReader, auth_headers, check_alive, error_of
+from ._upstream import Upstream, UpstreamError
 
 __all__ = ["MAX_IN_FLIGHT", "MAX_LINE", "WRITE_TIMEOUT", "ActiveRequests", "serve_socket"]
 
@@ -124,7 +116,7 @@ RequestId = str | int
 class _Pool(Protocol):
     def status(self) -> Sequence[Any]: ...
 
-    def acquire(self, name: str) -> contextlib.AbstractAsyncContextManager[TextModel]: ...
+    def acquire(self, name: str) -> contextlib.AbstractAsyncContextManager[Endpoint]: ...
 
 
 class _Metrics(Protocol):
@@ -172,27 +164,36 @@ async def serve_socket(
     max_in_flight: int = MAX_IN_FLIGHT,
     active: ActiveRequests | None = None,
     client: Upstream | None = None,
+    stall_timeout: Callable[[str], float | None] | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the socket protocol on the Unix socket ``path`` until cancelled.
 
-    A stale socket file at ``path`` (nobody listening) is replaced; a live one
-    raises ``OSError(EADDRINUSE)``, and so does any other kind of file. The
+    A stale socket file at ``path`` (nobody listening) is replaced; a live one,
+    or any other kind of file, raises :class:`~llamaproc.ListenError`. The
     socket is made mode 0600 before it listens. ``task_status.started()`` is
     called once it accepts connections. On cancellation every connection is
     closed (its requests cancelled) and the socket file is removed.
     ``active`` counts the requests in progress.
 
-    ``client`` carries the generate and chat requests to the models'
-    llama-servers, as it does for the HTTP front end (the caller owns it);
-    without one they go through the models' own clients, which cost more per
-    request.
+    ``client`` carries the requests to the models' llama-servers, as it does
+    for the HTTP front end (the caller owns it; without one the server makes
+    and closes its own). ``stall_timeout(model)`` is how long a running
+    generation may receive nothing while its server uses no CPU before it
+    fails (``None``: no limit).
     """
     path = Path(path)
-    await anyio.to_thread.run_sync(_clear_stale, path)
-    listener = _listen(path)
+    try:
+        await anyio.to_thread.run_sync(_clear_stale, path)
+        listener = _listen(path)
+    except OSError as exc:
+        raise ListenError(f"socket {path}", exc) from exc
     ident = _identity(path)
-    options = _Options(pool, metrics, max_line, write_timeout, max_in_flight, active or ActiveRequests(), client)
+    own_client = client is None
+    options = _Options(
+        pool, metrics, max_line, write_timeout, max_in_flight, active or ActiveRequests(),
+        Upstream() if client is None else client, stall_timeout or _no_stall_timeout,
+    )  # fmt: skip
     try:
         async with anyio.create_task_group() as tg:
             _log.debug("socket protocol on %s", path)
@@ -211,6 +212,8 @@ async def serve_socket(
                 tg.start_soon(_serve_connection, sock, options)
     finally:
         listener.close()
+        if own_client:
+            options.client.close()
         if ident is not None and _identity(path) == ident:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -268,7 +271,12 @@ class _Options:
     write_timeout: float
     max_in_flight: int
     active: ActiveRequests
-    client: Upstream | None
+    client: Upstream
+    stall_timeout: Callable[[str], float | None]
+
+
+def _no_stall_timeout(model: str) -> None:
+    return None
 
 
 async def _serve_connection(sock: socket.socket, options: _Options) -> None:
@@ -287,9 +295,10 @@ _OPS = ("chat", "generate", "embed", "models", "status", "ping", "cancel")
 
 
 class _BadRequest(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         self.code = code
         self.message = message
+        self.param = param
         super().__init__(message)
 
 
@@ -298,8 +307,7 @@ class _Request:
     id: RequestId
     op: str
     model: str
-    payload: Any  # the prompt, the messages or the inputs
-    params: dict[str, Any]
+    body: bytes  # what goes to llama-server, built and checked by the protocol's functions
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     started: float = field(default_factory=time.perf_counter)
     tokens: int = 0
@@ -389,7 +397,7 @@ class _Connection:
         try:
             await self._handle(line)
         except _BadRequest as exc:
-            await self._error(None, exc.code, exc.message)
+            await self._error(None, exc.code, exc.message, exc.param)
 
     async def _handle(self, line: bytes) -> None:
         try:
@@ -397,13 +405,13 @@ class _Connection:
         except ValueError as exc:
             raise _BadRequest("invalid_json", f"malformed JSON: {exc}") from None
         if not isinstance(req, dict):
-            raise _BadRequest("bad_request", "a request must be a JSON object")
+            raise _BadRequest("invalid_json", "a request must be a JSON object")
         rid = req.get("id")
         if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-            raise _BadRequest("bad_request", '"id" must be a string or an integer')
+            raise _BadRequest("bad_request", '"id" must be a string or an integer', "id")
         op = req.get("op")
         if not isinstance(op, str):
-            await self._error(rid, "bad_request", 'missing "op" (one of: ' + ", ".join(_OPS) + ")")
+            await self._error(rid, "bad_request", 'missing "op" (one of: ' + ", ".join(_OPS) + ")", "op")
             return
         if op not in _OPS:
             await self._error(rid, "unknown_op", f"unknown op {op!r}; ops: " + ", ".join(_OPS))
@@ -415,9 +423,13 @@ class _Connection:
             await self._cancel(rid, req)
             return
         if rid is None:
-            raise _BadRequest("bad_request", f'op {op!r} needs an "id"')
+            raise _BadRequest("bad_request", f'op {op!r} needs an "id"', "id")
         if rid in self.requests:
-            await self._error(rid, "duplicate_id", f"a request with id {rid!r} is still in flight")
+            # Not answered with that id: the client would take it for the end of the running request.
+            await self._send({
+                "id": None, "event": "error", "code": "duplicate_id", "target": rid,
+                "message": f"a request with id {rid!r} is still in flight on this connection; this one was not started",
+            })  # fmt: skip
             return
         if op == "models":
             models = [{"name": s.name, "phase": str(s.phase), "loaded": bool(s.loaded)} for s in self.pool.status()]
@@ -433,7 +445,7 @@ class _Connection:
         try:
             request = _parse(rid, op, req)
         except _BadRequest as exc:
-            await self._error(rid, exc.code, exc.message)
+            await self._error(rid, exc.code, exc.message, exc.param)
             return
         self.requests[rid] = request
         self.tasks += 1
@@ -477,7 +489,7 @@ class _Connection:
                         "code": "shutting_down",
                         "message": "the daemon is shutting down and stopped the request after its drain timeout"
                         if not isinstance(exc, ShuttingDownError)
-                        else _message(exc),
+                        else error_message(exc),
                     }
                 else:
                     final = _error_event(request.id, exc)
@@ -498,16 +510,10 @@ class _Connection:
 
     async def _generate(self, request: _Request) -> dict[str, Any]:
         rid = request.id
-        client = self.options.client
-        async with self.pool.acquire(request.model) as model:
-            if client is None:
-                result = await self._generate_with_model(request, model)
-            else:
-                result = await self._generate_upstream(request, model, client)
+        async with self.pool.acquire(request.model) as endpoint:
+            result = await self._relay(request, endpoint)
         # The model is released before "done" goes out: a client that sees "done"
         # sees the pool's accounting without this request.
-        if result is None:
-            return {"id": rid, "event": "done", "finish_reason": None, "usage": None, "timings": None}
         if result.usage.completion_tokens:
             request.tokens = result.usage.completion_tokens
         return {
@@ -518,74 +524,38 @@ class _Connection:
             "timings": None if result.timings is None else result.timings.model_dump(),
         }
 
-    async def _generate_with_model(self, request: _Request, model: TextModel) -> Completion | None:
-        if request.op == "generate":
-            stream = model.generate(request.payload, **request.params)
-        else:
-            stream = model.chat(request.payload, **request.params)
-        async with stream:
-            async for token in stream:
-                await self._token(request, token)
-        return stream.result
+    async def _relay(self, request: _Request, endpoint: Endpoint) -> Completion:
+        """Stream one answer of the endpoint to the client as token events; return its summary.
 
-    async def _generate_upstream(self, request: _Request, model: TextModel, client: Upstream) -> Completion:
-        """The request sent as ``model.generate``/``model.chat`` would send it, through ``client``.
-
-        Failures become the errors the model's own stream would raise: a
-        crashed child is a ServerCrashedError, a model closed under the request
-        a ClosedError (and the model records them as its last error).
+        Sent as ``TextModel.generate`` / ``TextModel.chat`` would send it (the
+        body was built and checked by the protocol's functions); failures are
+        explained by the endpoint (a crashed child is a ServerCrashedError, a
+        hung one a ServerHungError).
         """
-        kind: Literal["native", "chat"]
-        if request.op == "generate":
-            kind = "native"
-            body = generate_request_body(request.payload, **request.params)
-        else:
-            kind = "chat"
-            body = chat_request_body(request.payload, **request.params)
-        content = _encode_body(body)
-        model._check()
+        kind: Literal["native", "chat"] = "native" if request.op == "generate" else "chat"
+        path = STREAM_PATHS[kind]
+        options = self.options
+        await check_alive(endpoint)
         try:
-            result = await self._relay(request, client, model.base_url, STREAM_PATHS[kind], content, EventParser(kind))
+            response = await options.client.post(
+                endpoint.base_url, path, request.body, stream=True, headers=auth_headers(endpoint)
+            )
+        except UpstreamError as exc:
+            raise await endpoint.explain(exc) from exc
+        reader = StreamReader(response, kind, endpoint=endpoint, stall_timeout=options.stall_timeout(request.model))
+        try:  # closed however this ends: closing an unfinished stream makes llama-server free the slot
+            if not 200 <= response.status < 300:
+                raise await error_of(response, endpoint.base_url + path)
+            while (events := await reader.next_events()) is not None:
+                for _, token in events:
+                    if token is not None:
+                        await self._token(request, token)
+            return reader.summary()
         except LlamaprocError as exc:
-            error = await model._explain(exc)
+            error = await reader.fail(exc)
             if error is exc:
                 raise
             raise error from exc
-        model._finished(result)
-        return result
-
-    async def _relay(
-        self, request: _Request, client: Upstream, base_url: str, path: str, content: bytes, parser: EventParser
-    ) -> Completion:
-        """Stream one answer of llama-server to the client as token events; return its summary."""
-        response = await client.post(base_url, path, content, stream=True)
-        try:  # closed however this ends: closing an unfinished stream makes llama-server free the slot
-            if not 200 <= response.status < 300:
-                raise status_error(response.status, await _error_body(response), base_url + path)
-            pending = b""
-            last: Token | None = None  # the final event's text goes out after the end of the body is read
-            try:
-                while not parser.done:
-                    chunk = await response.next_chunk()
-                    if chunk is None:
-                        raise parser.incomplete()
-                    events, pending = sse_events(pending + chunk if pending else chunk)
-                    for data in events:
-                        if parser.done:
-                            parser.after_end(data)
-                            continue
-                        token = parser.parse(data)
-                        if token is not None:
-                            if parser.done:
-                                last = token
-                            else:
-                                await self._token(request, token)
-            except UpstreamError as exc:
-                raise IncompleteStreamError(f"the connection closed before the end of the stream ({exc})") from exc
-            await _read_to_end(response, pending, parser)
-            if last is not None:
-                await self._token(request, last)
-            return parser.summary()
         finally:
             response.close()
 
@@ -599,14 +569,35 @@ class _Connection:
         await self._send(event)
 
     async def _embed(self, request: _Request) -> dict[str, Any]:
-        async with self.pool.acquire(request.model) as model:
-            vectors = await model.embed(request.payload)
+        path = "/v1/embeddings"
+        async with self.pool.acquire(request.model) as endpoint:
+            await check_alive(endpoint)
+            try:
+                response = await self.options.client.post(
+                    endpoint.base_url, path, request.body, headers=auth_headers(endpoint)
+                )
+                try:
+                    if not 200 <= response.status < 300:
+                        raise await error_of(response, endpoint.base_url + path)
+                    answer = await response.read()
+                finally:
+                    response.close()
+            except UpstreamError as exc:
+                raise await endpoint.explain(exc) from exc
+        try:
+            items = sorted(json.loads(answer)["data"], key=lambda item: item.get("index", 0))
+            vectors = [list(item["embedding"]) for item in items]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamError(f"malformed embeddings answer from llama-server: {exc!r}") from exc
         return {"id": request.id, "event": "result", "embeddings": vectors}
 
     # -- writing --------------------------------------------------------------------------------
 
-    async def _error(self, rid: RequestId | None, code: str, message: str) -> None:
-        await self._send({"id": rid, "event": "error", "code": code, "message": message})
+    async def _error(self, rid: RequestId | None, code: str, message: str, param: str | None = None) -> None:
+        event: dict[str, Any] = {"id": rid, "event": "error", "code": code, "message": message}
+        if param is not None:
+            event["param"] = param
+        await self._send(event)
 
     async def _send(self, event: dict[str, Any]) -> None:
         """Write one event line, or drop the connection when that is impossible."""
@@ -681,80 +672,29 @@ class _Connection:
         return hung_up
 
 
-# --- upstream answers ----------------------------------------------------------------------------
-
-
-async def _error_body(response: UpstreamResponse) -> bytes:
-    """The start of an error answer (as much as is readable, up to the limit)."""
-    raw = b""
-    try:
-        while len(raw) <= ERROR_BODY_LIMIT and (chunk := await response.next_chunk()) is not None:
-            raw += chunk
-    except UpstreamError:
-        pass
-    return raw
-
-
-async def _read_to_end(response: UpstreamResponse, pending: bytes, parser: EventParser) -> None:
-    """After the final event, read the end of the body, for a short while at most.
-
-    llama-server ends the body right after the final event; an error event
-    found there raises :class:`StreamError` (as the models' own streams do).
-    """
-    with anyio.move_on_after(END_OF_BODY_WAIT):
-        while True:
-            try:
-                chunk = await response.next_chunk()
-            except UpstreamError:
-                return  # the answer is complete; its connection may close as it likes
-            if chunk is None:
-                return
-            events, pending = sse_events(pending + chunk)
-            for data in events:
-                parser.after_end(data)
-
-
 # --- parsing and encoding ------------------------------------------------------------------------
 
 
 def _parse(rid: RequestId, op: str, req: dict[str, Any]) -> _Request:
-    """Validate a generate / chat / embed request."""
+    """Check a generate / chat / embed request and build its llama-server body (the library's checks)."""
     model = req.get("model")
     if not isinstance(model, str) or not model:
-        raise _BadRequest("bad_request", f'op {op!r} needs "model", the name of a configured model')
-    params = {k: v for k, v in req.items() if k not in _RESERVED}
-    payload: Any
-    if op == "generate":
-        payload = req.get("prompt")
-        if not (isinstance(payload, str) or _is_list_of(payload, int)):
-            raise _BadRequest("bad_request", '"prompt" must be a string (or a list of token ids)')
-    elif op == "chat":
-        payload = req.get("messages")
-        if not _is_list_of(payload, dict) or not payload:
-            raise _BadRequest("bad_request", '"messages" must be a non-empty list of {"role": ..., "content": ...}')
-    else:
-        payload = req.get("input")
-        if isinstance(payload, str):
-            payload = [payload]
-        if not _is_list_of(payload, str) or not payload:
-            raise _BadRequest("bad_request", '"input" must be a string or a non-empty list of strings')
-        return _Request(rid, op, model, payload, {})
-    max_tokens = params.get("max_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
-        raise _BadRequest("bad_request", '"max_tokens" must be an integer')
-    temperature = params.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
-        raise _BadRequest("bad_request", '"temperature" must be a number')
-    stop = params.get("stop")
-    if isinstance(stop, str):
-        params["stop"] = [stop]
-    elif stop is not None and not _is_list_of(stop, str):
-        raise _BadRequest("bad_request", '"stop" must be a string or a list of strings')
-    return _Request(rid, op, model, payload, params)
-
-
-def _is_list_of(value: Any, kind: type) -> bool:
-    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        raise _BadRequest("bad_request", f'op {op!r} needs "model", the name of a configured model', "model")
+    # JSON null stands for "not given": the defaults apply (greedy, 256 tokens).
+    params = {k: v for k, v in req.items() if k not in _RESERVED and v is not None}
+    try:
+        if op == "generate":
+            if "prompt" not in req:
+                raise InvalidArgumentError('op "generate" needs "prompt"', param="prompt")
+            body = generate_request_body(req["prompt"], **params)
+        elif op == "chat":
+            body = chat_request_body(req.get("messages"), **params)
+        else:
+            inputs = req.get("input")
+            body = {"input": check_inputs([inputs] if isinstance(inputs, str) else inputs)}
+        return _Request(rid, op, model, encode_json(body))
+    except InvalidArgumentError as exc:
+        raise _BadRequest("bad_request", str(exc), exc.param) from None
 
 
 def _status(pool: _Pool) -> dict[str, Any]:
@@ -782,40 +722,12 @@ def _encode(event: Mapping[str, Any]) -> bytes:
 def _error_event(rid: RequestId, exc: BaseException) -> dict[str, Any]:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    event: dict[str, Any] = {"id": rid, "event": "error", "code": _code(exc), "message": _message(exc)}
+    code = error_code(exc)
+    event: dict[str, Any] = {"id": rid, "event": "error", "code": code, "message": error_message(exc)}
+    if isinstance(exc, InvalidArgumentError) and exc.param is not None:
+        event["param"] = exc.param
     if isinstance(exc, QueueFullError):
         event["retry_after"] = exc.retry_after
-    if event["code"] == "internal_error":
+    if code == "internal_error":
         _log.error("socket request %r failed", rid, exc_info=exc)
     return event
-
-
-def _code(exc: BaseException) -> str:
-    if isinstance(exc, ModelNotFoundError):
-        return "model_not_found"
-    if isinstance(exc, QueueFullError):
-        return "queue_full"
-    if isinstance(exc, InvalidArgumentError):
-        return "bad_request"
-    if isinstance(exc, ShuttingDownError):
-        return "shutting_down"
-    if isinstance(exc, (ModelUnavailableError, ServerLoadingError, PoolError)):
-        return "unavailable"
-    if isinstance(exc, StatusError):
-        if exc.status_code == 503:
-            return "unavailable"
-        if 400 <= exc.status_code < 500 or exc.status_code == 501:
-            return "bad_request"  # llama-server refused the parameters, or the model cannot do this
-        return "server_error"
-    if isinstance(exc, (LlamaprocError, ClosedError)):
-        return "server_error"
-    return "internal_error"
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, StatusError):
-        return f"llama-server answered {exc.status_code}: {exc.message}"
-    text = str(exc).strip()
-    # Crash errors carry the child's output after the first line; the status op and logs have it.
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first[:1000]

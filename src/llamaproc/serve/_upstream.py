@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Self
 
 import anyio
@@ -331,15 +332,27 @@ class Upstream:
             raise UpstreamError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from exc
         return _Connection(reader, writer)
 
-    async def post(self, base_url: str, path: str, body: bytes, *, stream: bool = False) -> UpstreamResponse:
-        """Send ``body`` (JSON) and return once the status line and headers are in."""
+    async def post(
+        self,
+        base_url: str,
+        path: str,
+        body: bytes,
+        *,
+        stream: bool = False,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> UpstreamResponse:
+        """Send ``body`` (JSON) and return once the status line and headers are in.
+
+        ``headers`` are added to the request as they are (trusted: the daemon's own).
+        """
         if self._closed:
             raise UpstreamError("the upstream client is closed")
         address = self._address(base_url)
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\nContent-Type: application/json\r\n"
-            f"Accept: {'text/event-stream' if stream else 'application/json'}\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Accept: {'text/event-stream' if stream else 'application/json'}\r\nContent-Length: {len(body)}\r\n"
         ).encode("latin-1")
+        head += b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
         if self.warm_for > 0:
             self._used[address] = time.monotonic()
         while True:
