@@ -102,9 +102,16 @@ async def test_a_child_that_stops_answering_health_is_killed_and_restarted(
         model = await sup.ready()
         await anyio.sleep(0.5)  # healthy probes do not disturb it
         assert sup.phase == Phase.SERVING and sup.restarts == 0
-        os.kill(model.pid, signal.SIGSTOP)  # alive, but answers nothing
+        with pytest.raises(llamaproc.ServerHungError) as info:
+            async with model.generate("Once", max_tokens=200) as stream:
+                async for _ in stream:
+                    os.kill(model.pid, signal.SIGSTOP)  # alive, but answers nothing
+        # The request in flight is told of a hang, not of an exit with -9.
+        assert "stopped answering and was killed" in str(info.value)
+        assert "failed 2 health checks" in info.value.reason and info.value.returncode == -signal.SIGKILL
         await wait_until(lambda: sup.restarts == 1, timeout=5)
-        assert "failed 2 health checks" in conditions(sup)["Crashed"].message
+        crashed = conditions(sup)["Crashed"]
+        assert crashed.reason == "Unresponsive" and "failed 2 health checks" in crashed.message
         again = await sup.ready()
         assert again.pid != model.pid and gone(model.pid)
         assert model.returncode == -signal.SIGKILL

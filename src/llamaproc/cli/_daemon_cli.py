@@ -56,8 +56,9 @@ Message = Mapping[str, Any]
 
 
 def state_dir(args: argparse.Namespace) -> Path:
-    """``--state-dir``, else ``~/.llamaproc``."""
-    return Path(getattr(args, "state_dir", None) or DEFAULT_STATE_DIR).expanduser()
+    """``--state-dir``, else ``$LLAMAPROC_STATE_DIR``, else ``~/.llamaproc``."""
+    given = getattr(args, "state_dir", None) or os.environ.get("LLAMAPROC_STATE_DIR") or DEFAULT_STATE_DIR
+    return Path(given).expanduser()
 
 
 def find_socket(args: argparse.Namespace) -> Path:
@@ -97,7 +98,9 @@ class DaemonClient:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise DaemonNotRunningError(
-                f"no llamaproc daemon is listening on {self.path} (start one with `llamaproc serve --config FILE`)"
+                f"no llamaproc daemon is listening on {self.path} (start one with `llamaproc serve --config FILE`;"
+                " a daemon started with another --state-dir is found with the same --state-dir, or"
+                " LLAMAPROC_STATE_DIR)"
             ) from exc
         except OSError as exc:
             sock.close()
@@ -136,7 +139,12 @@ class DaemonClient:
             raise DaemonError(f"lost the connection to the daemon: {exc}") from exc
         if not line:
             raise DaemonError("the daemon closed the connection")
-        event: dict[str, Any] = json.loads(line)
+        try:
+            event = json.loads(line)
+        except ValueError as exc:
+            raise DaemonError(f"the daemon sent a line that is not JSON: {line[:200]!r}") from exc
+        if not isinstance(event, dict):
+            raise DaemonError(f"the daemon sent a line that is not a JSON object: {line[:200]!r}")
         return event
 
     def stream(self, op: str, **fields: Any) -> Generator[dict[str, Any], None, None]:

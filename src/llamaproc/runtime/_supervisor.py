@@ -46,7 +46,7 @@ import anyio.abc
 from pydantic import BaseModel
 from typing_extensions import TypeVar
 
-from ..errors import LlamaprocError, ModelUnavailableError, ShuttingDownError, UsageError
+from ..errors import InvalidArgumentError, LlamaprocError, ModelUnavailableError, ShuttingDownError, UsageError
 from ..model import TextModel, load_model
 from ._config import ModelConfig
 from ._endpoint import Endpoint, Loader
@@ -145,9 +145,9 @@ class Supervisor(Generic[E]):
         on_change: Callable[[Supervisor[Any], str], None] | None = None,
     ) -> None:
         if restart_backoff <= 0 or restart_backoff_max < restart_backoff:
-            raise ValueError("need 0 < restart_backoff <= restart_backoff_max")
+            raise InvalidArgumentError("need 0 < restart_backoff <= restart_backoff_max", param="restart_backoff")
         if max_restarts < 0 or restart_window <= 0 or health_failures < 1:
-            raise ValueError("need max_restarts >= 0, restart_window > 0 and health_failures >= 1")
+            raise InvalidArgumentError("need max_restarts >= 0, restart_window > 0 and health_failures >= 1")
         self.name = name
         self.config = config
         self._loader = loader

@@ -81,8 +81,9 @@ class DaemonInfo:
 
 
 def default_state_dir() -> Path:
-    """``~/.llamaproc``."""
-    return Path.home() / ".llamaproc"
+    """``$LLAMAPROC_STATE_DIR``, else ``~/.llamaproc``."""
+    given = os.environ.get("LLAMAPROC_STATE_DIR")
+    return _absolute(given) if given else Path.home() / ".llamaproc"
 
 
 class _Server(uvicorn.Server):
