@@ -315,11 +315,27 @@ def test_an_unclosed_model_is_killed_at_interpreter_exit(tmp_path: Path) -> None
 
 
 @pytest.mark.anyio
-async def test_the_child_has_the_death_signal_and_its_own_pid(tag: str, tmp_path: Path, spawn_path: str) -> None:
+async def test_the_child_has_the_death_signal_and_its_own_pid(
+    tag: str, tmp_path: Path, spawn_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned: list[tuple[list[str], object]] = []
+
+    class Popen(subprocess.Popen[bytes]):
+        def __init__(self, args: Any, *rest: Any, **kwargs: Any) -> None:
+            spawned.append((list(args), kwargs.get("preexec_fn")))
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Popen)
     pidfile = tmp_path / "pid"
     args = ["-c", PDEATHSIG_SERVER, "--tag", tag, "--pidfile", str(pidfile)]
     proc = await ServerProcess.start(PYTHON, args, startup_timeout=10)
     try:
+        command, preexec = spawned[-1]
+        if spawn_path == "setpriv":  # no preexec_fn, so that CPython can vfork
+            assert os.path.basename(command[0]) == "setpriv" and preexec is None
+            assert command[command.index("--") + 1:][-len(proc.argv):] == proc.argv
+        else:
+            assert command == proc.argv and preexec is not None
         assert line_value(proc, "pdeathsig ") == str(int(signal.SIGKILL))
         assert line_value(proc, "ppid ") == str(os.getpid())
         assert proc.pid == int(pidfile.read_text())  # setpriv and sh exec in place

@@ -29,6 +29,8 @@ This module knows processes and, to see that the child is ready, the
   the binary when this process died before the signal was set.
 * A ServerProcess (or a TextModel) dropped without being stopped has its
   child's process group killed by a finalizer, with a ``ResourceWarning``.
+  When a step after the spawn fails (no descriptor or thread left), the
+  child is killed and reaped before the error is raised.
 * The output is read at most ``_READ_LIMIT`` bytes at a time: of a longer
   line the first piece is kept and the rest dropped, so a child printing
   without newlines cannot make us buffer without bound.
@@ -361,10 +363,12 @@ def _report(owner: weakref.ref[ServerProcess], address: tuple[str, int] | None) 
 
 
 class ServerProcess:
-    """One llama-server child process. Start it with :meth:`start`.
+    """One llama-server child process. Start it with :meth:`start`, end it with :meth:`stop`.
 
-    Attributes that stay readable after the child is gone: :attr:`pid`,
-    :attr:`returncode`, :attr:`output`, :attr:`argv`.
+    One that is dropped without being stopped has its child's process group
+    killed when it is collected (or at interpreter exit), with a
+    ``ResourceWarning``. Attributes that stay readable after the child is
+    gone: :attr:`pid`, :attr:`returncode`, :attr:`output`, :attr:`argv`.
     """
 
     def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], *, host: str,
