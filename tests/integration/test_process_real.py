@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import anyio
 import psutil
 import pytest
 
@@ -103,12 +106,21 @@ _PARENT = textwrap.dedent(
 )
 
 
-def test_parent_sigkill_leaves_no_orphan(tiny_model: Path) -> None:
+@pytest.mark.parametrize("spawn", ["setpriv", "preexec"])
+def test_parent_sigkill_leaves_no_orphan(tiny_model: Path, spawn: str) -> None:
+    """Both ways of setting the parent-death signal: through setpriv, and the preexec_fn fallback."""
+    env = dict(os.environ)
+    env.pop("LLAMAPROC_NO_SETPRIV", None)
+    if spawn == "preexec":
+        env["LLAMAPROC_NO_SETPRIV"] = "1"
+    elif shutil.which("setpriv") is None:
+        pytest.skip("no setpriv on this machine")
     parent = subprocess.Popen(
         [sys.executable, "-c", _PARENT, str(tiny_model)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        env=env,
     )
     server_pid = 0
     try:
@@ -118,6 +130,7 @@ def test_parent_sigkill_leaves_no_orphan(tiny_model: Path) -> None:
         server_pid = int(line)
         server = psutil.Process(server_pid)
         assert "llama-server" in " ".join(server.cmdline())
+        assert os.path.basename(server.exe()) == "llama-server"  # setpriv and sh exec'd in place
         assert server.ppid() == parent.pid
 
         os.kill(parent.pid, signal.SIGKILL)
@@ -145,3 +158,17 @@ async def test_host_given_in_args(tiny_model: Path) -> None:
     async with await llamaproc.load_model(tiny_model, args=["--host", "127.0.0.2"], startup_timeout=10) as model:
         assert model.base_url.startswith("http://127.0.0.2:")
         assert (await model.complete("hello", max_tokens=2)).usage.completion_tokens == 2
+
+
+@pytest.mark.anyio
+async def test_an_unclosed_model_is_killed_with_a_warning(tiny_model: Path) -> None:
+    """A TextModel dropped without close(): its finalizer kills llama-server and says so."""
+    model = await llamaproc.load_model(tiny_model, startup_timeout=30)
+    pid = model.pid
+    assert os.path.basename(psutil.Process(pid).exe()) == "llama-server"
+    with pytest.warns(ResourceWarning, match=f"unclosed TextModel tiny.gguf \\(llama-server pid {pid}\\)"):
+        del model
+        gc.collect()
+    with anyio.fail_after(30):  # a safety net only
+        while not _gone(pid):
+            await anyio.sleep(0.01)

@@ -30,6 +30,9 @@ class _Process:
     returncode = None
     output = OutputBuffer()
 
+    async def stop(self) -> None:
+        pass
+
 
 @pytest.fixture
 def router() -> Iterator[respx.MockRouter]:
@@ -59,7 +62,7 @@ async def model(router: respx.MockRouter, tmp_path: Path) -> AsyncIterator[TextM
     process: Any = _Process()
     model = TextModel(process, LlamaClient(BASE), path=tmp_path / "m.gguf", backend=backend)
     yield model
-    await model._client.aclose()
+    await model.close()
 
 
 def _sent(router: respx.MockRouter) -> Any:

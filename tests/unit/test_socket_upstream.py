@@ -72,6 +72,9 @@ class Process:
         self.returncode: int | None = None
         self.output = OutputBuffer()
 
+    async def stop(self) -> int | None:
+        return self.returncode
+
 
 class Llama:
     """A scripted llama-server: records each request and answers it with ``answer``."""
@@ -186,7 +189,7 @@ async def setup(llama: Llama, tmp_path: Path) -> AsyncIterator[tuple[TextModel, 
             yield model, process, path
             tg.cancel_scope.cancel()
     finally:
-        await model._client.aclose()
+        await model.close()
         server.close()
         await server.wait_closed()
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,8 @@ class TextModel:
         self.last_error: LlamaprocError | None = None
         #: Metrics of the last request that finished.
         self.last_metrics: RequestMetrics | None = None
+        # Kills the server of a model dropped without close(); holds the process, not this object.
+        self._finalizer = weakref.finalize(self, _unclosed, process, f"{path.name} (llama-server pid {process.pid})")
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -308,12 +312,27 @@ class TextModel:
         """End open streams, then stop the child (SIGTERM → grace → SIGKILL).
 
         Idempotent and shielded from cancellation: when it returns (or is
-        cancelled) the child is gone.
+        cancelled) the child is gone, even when closing the client failed.
         """
         with anyio.CancelScope(shield=True):
             self._closed = True
-            await self._client.aclose()
-            await self._process.stop()
+            self._finalizer.detach()
+            try:
+                await self._client.aclose()
+            finally:
+                await self._process.stop()
+
+
+def _unclosed(process: ServerProcess, what: str, _warn: Callable[..., None] = warnings.warn) -> None:
+    """Kill the server of a TextModel dropped without close() (its weakref.finalize callback).
+
+    Runs when the model is collected, or at interpreter exit for one still
+    alive then; never for a closed model. As with an unclosed file, a
+    ResourceWarning says so (shown with ``-W default`` or ``python -X dev``).
+    """
+    process.kill_and_reap()
+    _warn(f"unclosed TextModel {what}: its server was killed; use 'async with' or close()",
+          ResourceWarning)
 
 
 async def load_model(

@@ -20,20 +20,38 @@ This module knows processes and, to see that the child is ready, the
   30 s after the first, and exits at once on the second), then SIGKILL after
   ``grace`` seconds, all shielded from cancellation.
 * On Linux the child gets ``PR_SET_PDEATHSIG(SIGKILL)``: if this Python
-  process dies, even by SIGKILL, the kernel kills the child too.
+  process dies, even by SIGKILL, the kernel kills the child too. Where
+  util-linux ``setpriv`` is found, the child is spawned through it
+  (``setpriv --pdeathsig KILL -- sh -c CHECK sh BINARY ARGS``: each execs the
+  next in place, so the pid is llama-server's), which lets CPython use
+  ``vfork``; otherwise a ``preexec_fn`` sets the signal, which forces a full
+  ``fork`` of this process (its cost grows with its size). Both refuse to run
+  the binary when this process died before the signal was set.
+* A ServerProcess (or a TextModel) dropped without being stopped has its
+  child's process group killed by a finalizer, with a ``ResourceWarning``.
+  When a step after the spawn fails (no descriptor or thread left), the
+  child is killed and reaped before the error is raised.
+* The output is read at most ``_READ_LIMIT`` bytes at a time: of a longer
+  line the first piece is kept and the rest dropped, so a child printing
+  without newlines cannot make us buffer without bound.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
+import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
@@ -63,6 +81,8 @@ _RELEVANT = re.compile(
 )
 _LEVELS = {b"E": logging.ERROR, b"W": logging.WARNING, b"I": logging.INFO, b"D": logging.DEBUG}
 _MAX_LINE = 4096
+#: The most read from the child's output at a time: of a longer line, the rest is read and dropped.
+_READ_LIMIT = 64 * 1024
 #: How often the child's CPU time and reads are checked for progress during start-up.
 _USAGE_INTERVAL = 0.5
 #: CPU time growth that counts as progress, as a fraction of the time between two checks: a server
@@ -72,6 +92,10 @@ _CPU_PROGRESS = 0.1
 _POLL_INTERVAL = 0.05
 #: After the first SIGTERM, wait this long (at most) before the second.
 _SECOND_TERM = 0.2
+#: How long kill() and the finalizer wait (blocking) for a SIGKILLed child to be reaped.
+_KILL_WAIT = 1.0
+#: Set this environment variable to 1 to spawn with a preexec_fn even where setpriv is found.
+ENV_NO_SETPRIV = "LLAMAPROC_NO_SETPRIV"
 
 
 class OutputBuffer:
@@ -161,11 +185,192 @@ def _pdeathsig() -> Callable[[], None] | None:
     return preexec
 
 
-class ServerProcess:
-    """One llama-server child process. Start it with :meth:`start`.
+@functools.cache
+def _setpriv() -> tuple[str, str] | None:
+    """``setpriv`` and ``sh``, when ``setpriv --pdeathsig`` works here (looked up and tried once).
 
-    Attributes that stay readable after the child is gone: :attr:`pid`,
-    :attr:`returncode`, :attr:`output`, :attr:`argv`.
+    util-linux has had ``--pdeathsig`` since 2.33 (2018); an older one, or
+    one that a sandbox stops from calling prctl, fails the trial run.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    setpriv = shutil.which("setpriv")
+    sh = "/bin/sh" if os.access("/bin/sh", os.X_OK) else shutil.which("sh")
+    if setpriv is None or sh is None:
+        return None
+    try:
+        trial = subprocess.run(
+            [setpriv, "--pdeathsig", "KILL", "--", sh, "-c", "exit 0"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=10, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if trial.returncode != 0:
+        _log.debug("%s cannot set the parent-death signal; spawning with a preexec_fn", setpriv)
+        return None
+    return setpriv, sh
+
+
+def _spawn_command(
+    argv: list[str], *, env: Mapping[str, str], cwd: str | os.PathLike[str] | None
+) -> tuple[list[str], Callable[[], None] | None]:
+    """The command line and preexec_fn that start ``argv`` with ``PR_SET_PDEATHSIG(SIGKILL)``.
+
+    A preexec_fn makes CPython fork this whole process (copying its page
+    tables, on the caller's thread); without one it can use vfork. So where
+    ``setpriv`` works, the child runs ``setpriv --pdeathsig KILL -- sh -c
+    CHECK sh BINARY ARGS``: setpriv sets the signal and execs sh, which execs
+    the binary, all in place (one pid, llama-server's in the end). The
+    signal survives exec. ``CHECK`` closes the window between the spawn and
+    the prctl, as the preexec_fn does with getppid: if this process died in
+    it, the child was already handed to another parent, so sh (which reads
+    its parent after setpriv set the signal) exits instead of starting the
+    binary. ``LLAMAPROC_NO_SETPRIV=1`` forces the preexec_fn.
+
+    The wrapped binary is checked first, so that a missing or non-executable
+    one raises the same OSError as when exec fails in Popen.
+    """
+    found = None if os.environ.get(ENV_NO_SETPRIV) == "1" else _setpriv()
+    if found is None:
+        return argv, _pdeathsig()
+    _check_executable(argv[0], env=env, cwd=cwd)
+    setpriv, sh = found
+    check = f'[ "$PPID" = {os.getpid()} ] && exec "$@"; exit 1'
+    return [setpriv, "--pdeathsig", "KILL", "--", sh, "-c", check, "sh", *argv], None
+
+
+def _check_executable(binary: str, *, env: Mapping[str, str], cwd: str | os.PathLike[str] | None) -> None:
+    """Raise the OSError that exec would for a ``binary`` that cannot be run (looked up as exec does)."""
+    if os.sep in binary:
+        path: str | None = os.path.join(os.fspath(cwd), binary) if cwd is not None else binary
+    else:
+        path = shutil.which(binary, path=env.get("PATH", os.defpath))
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), binary)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), binary)
+
+
+def _send(popen: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to the child's process group (it leads one), else to the child alone."""
+    try:
+        os.killpg(popen.pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            popen.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _kill(popen: subprocess.Popen[bytes]) -> bool:
+    """SIGKILL the child's process group and reap the child (blocking up to ``_KILL_WAIT`` s).
+
+    Returns whether the child was still running. A child whose exit was seen
+    already is left alone: its group was killed when the exit was seen, and
+    the group id may name someone else's group by now.
+    """
+    if popen.returncode is not None:
+        return False
+    running = popen.poll() is None
+    _send(popen, signal.SIGKILL)  # a child that exited unseen may have left members in its group
+    if running:
+        try:
+            popen.wait(_KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            _log.warning("llama-server pid %d is not gone %.1f s after SIGKILL", popen.pid, _KILL_WAIT)
+    return running
+
+
+def _finalize(popen: subprocess.Popen[bytes], _warn: Callable[..., None] = warnings.warn) -> None:
+    """Kill the child of a ServerProcess dropped without stop() (its weakref.finalize callback)."""
+    if _kill(popen):
+        _warn(
+            f"unstopped ServerProcess pid {popen.pid}: its process group was killed; "
+            "call stop() (or close the model) when done with it",
+            ResourceWarning,
+        )
+
+
+async def _reap_killed(popen: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child that has no ServerProcess (its construction failed) and wait for it, shielded."""
+    _send(popen, signal.SIGKILL)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(10.0):
+        delay = 0.001
+        while popen.poll() is None:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+    if popen.stdout is not None:
+        popen.stdout.close()
+
+
+def _drain(owner: weakref.ref[ServerProcess], stdout: IO[bytes], output: OutputBuffer,
+           logger: logging.Logger | None, pid: int) -> None:
+    """Read the child's output until the pipe closes (the output thread's body).
+
+    Reads at most ``_READ_LIMIT`` bytes at a time. Of a longer line, the
+    first piece is kept and the rest read and dropped up to its newline, so
+    memory stays bounded whatever the child prints; every piece counts as
+    progress. The thread holds its ServerProcess only weakly, so that one
+    dropped without stop() can be collected and its finalizer can kill the
+    child.
+    """
+    listening = False
+    in_long_line = False  # reading the rest of a line longer than _READ_LIMIT
+    try:
+        while raw := stdout.readline(_READ_LIMIT):
+            dropped = in_long_line
+            in_long_line = not raw.endswith(b"\n")
+            address: tuple[str, int] | None = None
+            if not dropped:
+                output.append(raw)
+                if not listening:
+                    m = _LISTENING.search(raw)
+                    if m:
+                        # The log's address wins over the one found by the socket probe: llama-server
+                        # prints it once the model is loaded, when it is ready to serve.
+                        listening = True
+                        address = (_connect_host(m.group(1).decode("ascii", "replace")), int(m.group(2)))
+                if logger is not None:
+                    level = logging.INFO
+                    parts = raw.split(None, 2)
+                    if len(parts) >= 2 and parts[1] in _LEVELS:
+                        level = _LEVELS[parts[1]]
+                    logger.log(level, "[%d] %s", pid, raw.rstrip().decode("utf-8", "replace"))
+            _report(owner, address)
+    except (OSError, ValueError):
+        pass
+    finally:
+        try:
+            stdout.close()
+        except OSError:
+            pass
+        proc = owner()
+        if proc is not None:
+            proc._wake()
+            proc._close_wake_writer()
+
+
+def _report(owner: weakref.ref[ServerProcess], address: tuple[str, int] | None) -> None:
+    """Tell the ServerProcess (if it still exists) that the child made progress, and its address if seen."""
+    proc = owner()
+    if proc is None:
+        return
+    proc._last_progress = time.monotonic()
+    if address is not None:
+        proc.host, proc.port = address
+        proc._wake()
+
+
+class ServerProcess:
+    """One llama-server child process. Start it with :meth:`start`, end it with :meth:`stop`.
+
+    One that is dropped without being stopped has its child's process group
+    killed when it is collected (or at interpreter exit), with a
+    ``ResourceWarning``. Attributes that stay readable after the child is
+    gone: :attr:`pid`, :attr:`returncode`, :attr:`output`, :attr:`argv`.
     """
 
     def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], *, host: str,
@@ -182,20 +387,32 @@ class ServerProcess:
         self._group_killed = False
         self._stopped = False
         self._stop_lock = anyio.Lock()
+        # Kills the child if this object is dropped without stop(); holds the Popen, not this object.
+        self._finalizer = weakref.finalize(self, _finalize, popen)
         # The output thread wakes the start-up wait through this pipe (port seen, output ended).
         # Both ends are closed when start-up ends, the write end earlier if the thread ends first;
         # the lock keeps the thread from writing to a closed (and maybe reused) descriptor.
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r = self._wake_w = -1
         self._wake_lock = threading.Lock()
         self._wake_eof = False
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        stdout = popen.stdout
-        assert stdout is not None
-        self._reader = threading.Thread(
-            target=self._drain, args=(stdout,), name=f"llamaproc-output-{self.pid}", daemon=True
-        )
-        self._reader.start()
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            stdout = popen.stdout
+            assert stdout is not None
+            self._reader = threading.Thread(
+                target=_drain, args=(weakref.ref(self), stdout, self.output, logger, self.pid),
+                name=f"llamaproc-output-{self.pid}", daemon=True,
+            )
+            self._reader.start()
+        except BaseException:
+            # The caller kills the child: this object never existed for anyone.
+            self._finalizer.detach()
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            raise
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -222,6 +439,10 @@ class ServerProcess:
         the child's last progress (a line of output, CPU time, reads). On any
         failure the child is stopped before the error reaches the caller,
         cancellation included.
+
+        ``argv`` (and errors) show ``binary`` and ``args``; on Linux the child
+        may be started through ``setpriv`` (see the module's notes), which
+        execs in place, so :attr:`pid` is llama-server's either way.
         """
         argv = [os.fspath(binary), *args]
         if "--port" not in args:
@@ -238,20 +459,31 @@ class ServerProcess:
         if env:
             child_env.update(env)
         try:
+            command, preexec = _spawn_command(argv, env=child_env, cwd=cwd)
             popen = subprocess.Popen(
-                argv,
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 env=child_env,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_pdeathsig(),  # noqa: PLW1509 - only prctl, nothing that can deadlock
+                preexec_fn=preexec,  # noqa: PLW1509 - only prctl, nothing that can deadlock
                 close_fds=True,
             )
         except OSError as exc:
             raise StartupError(f"cannot start {argv[0]}: {exc}", returncode=None, output="") from exc
-        proc = cls(popen, argv, host=host, logger=logger, grace=grace)
+        try:
+            proc = cls(popen, argv, host=host, logger=logger, grace=grace)
+        except BaseException as exc:
+            # Out of descriptors or threads, say: the child must not outlive the failure.
+            await _reap_killed(popen)
+            if isinstance(exc, (OSError, RuntimeError)):
+                raise StartupError(
+                    f"cannot watch {argv[0]} (pid {popen.pid}): {exc}",
+                    returncode=popen.returncode, output="", pid=popen.pid,
+                ) from exc
+            raise
         try:
             await proc._wait_ready(startup_timeout)
         except BaseException:
@@ -300,38 +532,6 @@ class ServerProcess:
         return f"<ServerProcess pid={self.pid} port={self.port} {state}>"
 
     # -- output ---------------------------------------------------------------------------------
-
-    def _drain(self, stdout: IO[bytes]) -> None:
-        logger = self._logger
-        listening = False
-        try:
-            for raw in stdout:
-                self._last_progress = time.monotonic()
-                self.output.append(raw)
-                if not listening:
-                    m = _LISTENING.search(raw)
-                    if m:
-                        # The log's address wins over the one found by the socket probe: llama-server
-                        # prints it once the model is loaded, when it is ready to serve.
-                        listening = True
-                        self.host = _connect_host(m.group(1).decode("ascii", "replace"))
-                        self.port = int(m.group(2))
-                        self._wake()
-                if logger is not None:
-                    level = logging.INFO
-                    parts = raw.split(None, 2)
-                    if len(parts) >= 2 and parts[1] in _LEVELS:
-                        level = _LEVELS[parts[1]]
-                    logger.log(level, "[%d] %s", self.pid, raw.rstrip().decode("utf-8", "replace"))
-        except (OSError, ValueError):
-            pass
-        finally:
-            try:
-                stdout.close()
-            except OSError:
-                pass
-            self._wake()
-            self._close_wake_writer()
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -465,15 +665,7 @@ class ServerProcess:
     # -- stopping -----------------------------------------------------------------------------------
 
     def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            try:
-                self._popen.send_signal(sig)
-            except ProcessLookupError:
-                pass
+        _send(self._popen, sig)
 
     async def _wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -516,6 +708,7 @@ class ServerProcess:
                                 raise ProcessError(f"llama-server pid {self.pid} survived SIGKILL")
                 # _poll() has killed the rest of the group when it saw the exit.
                 self._stopped = True
+                self._finalizer.detach()
                 # The pipe closes with the child; a grandchild holding it open must not hang us.
                 await anyio.to_thread.run_sync(self._reader.join, 2.0, abandon_on_cancel=True)
         return self._popen.returncode
@@ -554,7 +747,10 @@ class ServerProcess:
         return code
 
     def kill(self) -> None:
-        """SIGKILL the child's process group at once (a hung server); :meth:`stop` still reaps it."""
+        """SIGKILL the child's process group at once (a hung server), without waiting: for the event loop.
+
+        :meth:`stop` (or :meth:`wait`) then sees the exit and reaps it.
+        """
         if self._poll() is None:
             self._signal(signal.SIGKILL)
 
@@ -569,6 +765,21 @@ class ServerProcess:
         except (psutil.Error, OSError):
             return None
         return float(cpu.user + cpu.system)
+
+    def kill_and_reap(self) -> int | None:
+        """SIGKILL the child's process group now and reap the child; return its exit status.
+
+        Synchronous, for finalizers and emergencies: it waits (blocking) up
+        to a second for the child to be reaped, and returns ``None`` if it is
+        not gone by then. :meth:`stop` is the orderly way: it lets llama-server
+        end its work and does not block. After ``kill_and_reap()``, ``stop()`` only
+        waits for the exit.
+        """
+        self._finalizer.detach()
+        if self._popen.returncode is None:  # its exit not seen yet (_poll kills the group when it sees it)
+            _kill(self._popen)
+            self._group_killed = True
+        return self._poll()
 
 
 def _connect_host(host: str) -> str:
