@@ -31,7 +31,15 @@ from ._bodies import (
     generate_request_body,
     status_error,
 )
-from ._codes import ERROR_CODES, ErrorCode, error_code, error_message, error_status, openai_error_body
+from ._codes import (
+    ERROR_CODES,
+    ErrorCode,
+    error_code,
+    error_codes_table,
+    error_message,
+    error_status,
+    openai_error_body,
+)
 from ._events import STREAM_PATHS, EventParser, StreamKind, timings_of
 from ._metrics import parse_metrics
 from ._sse import MAX_EVENT_SIZE, SSEDecoder, sse_events
@@ -62,6 +70,7 @@ __all__ = [
     "completion_params",
     "encode_json",
     "error_code",
+    "error_codes_table",
     "error_message",
     "error_status",
     "generate_request_body",

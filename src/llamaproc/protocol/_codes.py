@@ -27,7 +27,15 @@ from ..errors import (
     StatusError,
 )
 
-__all__ = ["ERROR_CODES", "ErrorCode", "error_code", "error_message", "error_status", "openai_error_body"]
+__all__ = [
+    "ERROR_CODES",
+    "ErrorCode",
+    "error_code",
+    "error_codes_table",
+    "error_message",
+    "error_status",
+    "openai_error_body",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,3 +147,13 @@ def openai_error_body(code: str, message: str, *, param: str | None = None, type
     kind = type_ or (entry.type if entry is not None else _SERVER)
     body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return json.dumps(body, ensure_ascii=False).encode()
+
+
+def error_codes_table() -> str:
+    """:data:`ERROR_CODES` as the Markdown table the README prints (a test keeps the two the same)."""
+    where = {"both": "HTTP, socket", "http": "HTTP", "socket": "socket"}
+    rows = ["| code | HTTP | where | meaning |", "| --- | --- | --- | --- |"]
+    for e in ERROR_CODES.values():
+        retry = " (with `Retry-After` / `retry_after`)" if e.retry else ""
+        rows.append(f"| `{e.code}` | {e.status} | {where[e.front_end]} | {e.meaning}{retry} |")
+    return "\n".join(rows)

@@ -25,13 +25,14 @@ Answers, one event per line, each carrying the request's ``id``::
     {"id": "1", "event": "error", "code": "queue_full", "message": "...", "retry_after": 1.0}
 
 Every request ends with exactly one ``done``, ``result`` or ``error`` event;
-the id may be reused after it. Error codes: ``invalid_json``,
-``bad_request``, ``unknown_op``, ``line_too_long``, ``duplicate_id``,
-``too_many_requests``, ``not_found`` (cancel of an id not in flight),
-``cancelled``, ``model_not_found``, ``queue_full`` (with ``retry_after``
-seconds), ``unavailable``, ``shutting_down``, ``server_error``,
-``internal_error``. A line that cannot be tied to a request (bad JSON, too
-long) is answered with ``"id": null``; the connection keeps working.
+the id may be reused after it. Error codes are those of
+:data:`llamaproc.protocol.ERROR_CODES`, the same as the HTTP front end's
+(``bad_request`` with ``param`` naming the field, ``queue_full`` with
+``retry_after`` seconds, ...). A line that cannot be tied to a request (bad
+JSON, too long) is answered with ``"id": null``; the connection keeps
+working. A request whose id is still in flight is refused with ``"id":
+null``, ``"code": "duplicate_id"`` and ``"target"``, the id: answering with
+the id would read as the end of the running request.
 
 Cancelling: ``{"op": "cancel", "id": X}`` cancels the in-flight request X,
 which then ends with ``{"id": X, "event": "error", "code": "cancelled"}``.
