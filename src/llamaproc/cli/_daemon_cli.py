@@ -51,6 +51,8 @@ STOP_TIMEOUT = 60.0
 
 Message = Mapping[str, Any]
 
+_STATE_DIR_HINT = "a daemon started with another --state-dir is found with that --state-dir or LLAMAPROC_STATE_DIR"
+
 
 # --- finding the daemon ----------------------------------------------------------------------------
 
@@ -99,8 +101,7 @@ class DaemonClient:
             sock.close()
             raise DaemonNotRunningError(
                 f"no llamaproc daemon is listening on {self.path} (start one with `llamaproc serve --config FILE`;"
-                " a daemon started with another --state-dir is found with the same --state-dir, or"
-                " LLAMAPROC_STATE_DIR)"
+                f" {_STATE_DIR_HINT})"
             ) from exc
         except OSError as exc:
             sock.close()
@@ -386,7 +387,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     pid_file = state_dir(args) / "serve.pid"
     pid = read_pid(pid_file)
     if pid is None:
-        _err(f"llamaproc stop: not running (no live daemon holds {pid_file})")
+        _err(f"llamaproc stop: not running (no live daemon holds {pid_file}; {_STATE_DIR_HINT})")
         return 1
     try:
         os.kill(pid, signal.SIGTERM)
