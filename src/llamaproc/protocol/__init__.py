@@ -4,6 +4,7 @@
   events into tokens and a summary (:class:`EventParser`);
 * llama-server request bodies and the one validation of their parameters;
 * llama-server's ``/metrics`` text;
+* NDJSON lines for the daemon's socket (:class:`LineDecoder`);
 * the one table of error codes the daemon's front ends send (:data:`ERROR_CODES`).
 
 Every transport reuses these: the library client over httpx, and the daemon's
@@ -42,6 +43,7 @@ from ._codes import (
 )
 from ._events import STREAM_PATHS, EventParser, StreamKind, timings_of
 from ._metrics import parse_metrics
+from ._ndjson import LineDecoder, encode_event
 from ._sse import MAX_EVENT_SIZE, SSEDecoder, sse_events
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "TEMPERATURE",
     "ErrorCode",
     "EventParser",
+    "LineDecoder",
     "SSEDecoder",
     "StreamKind",
     "chat_body",
@@ -68,6 +71,7 @@ __all__ = [
     "check_stop",
     "completion_body",
     "completion_params",
+    "encode_event",
     "encode_json",
     "error_code",
     "error_codes_table",
