@@ -21,8 +21,10 @@ streaming, cancels its request: it leaves the queue, or the upstream stream is
 closed (which frees llama-server's slot) and the admission released.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
-unknown model 404, bad JSON or fields 400, body too large 413, queue full 429
-with ``Retry-After``, model failed or daemon shutting down 503. A stream that
+unknown model 404, bad JSON (or not UTF-8) or fields 400, body too large 413,
+queue full 429 with ``Retry-After``, llama-server failed (a 5xx of its own, a
+cut connection) 502, model failed or daemon shutting down 503. llama-server's
+refusals (4xx, 501, 503) keep their status and message, in the same shape. A stream that
 fails after its first event ends with an error event (``data: {"error":
 ...}``) and no ``[DONE]``; when the daemon stops its models after the drain
 timeout, that event's code is ``shutting_down``.
@@ -31,6 +33,7 @@ timeout, that event's code is ``shutting_down``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -75,6 +78,7 @@ _MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
 _COMPLETION_TOKENS = re.compile(rb'"(?:completion_tokens|predicted_n)":\s*(\d+)')
 _TOKEN_EVENT = (b'"content":"', b'"text":"')
 _DONE = b"data: [DONE]"
+_ERROR_TEXT = 1000  # bytes of a non-JSON error answer quoted in the message
 
 
 class ProxyState:
@@ -215,7 +219,8 @@ class _Call:
             await self._upstream_failed(model, exc)
             return
         try:
-            if stream and response.status == 200:
+            # An answer that is not an event stream (e.g. embeddings, which do not stream) is relayed whole.
+            if stream and response.status == 200 and response.content_type.startswith(b"text/event-stream"):
                 await self._relay_stream(model, response)
             else:
                 await self._relay_whole(response)
@@ -226,15 +231,20 @@ class _Call:
 
     async def _relay_whole(self, response: UpstreamResponse) -> None:
         content = await response.read()
-        if response.status == 200:
+        status = response.status
+        content_type = response.content_type
+        if status == 200:
             content = _MODEL_FIELD.sub(self._model_field(), content, count=1)
             match = _COMPLETION_TOKENS.search(content)
             if match:
                 self.tokens = int(match.group(1))
             self._first_token = True
             self.state.metrics.first_token(self.name, time.perf_counter() - self.started)
-        headers = [(b"content-type", response.content_type), (b"content-length", str(len(content)).encode())]
-        await self._start(response.status, headers)
+        elif status >= 400:
+            status, content = _upstream_error(self.name, status, content)
+            content_type = _JSON_TYPE[1]
+        headers = [(b"content-type", content_type), (b"content-length", str(len(content)).encode())]
+        await self._start(status, headers)
         await self._send({"type": "http.response.body", "body": content, "more_body": False})
 
     async def _relay_stream(self, model: TextModel, response: UpstreamResponse) -> None:
@@ -353,6 +363,34 @@ class _Call:
         await _send_error(self._send, status, message, type_, code=code, param=param, headers=headers)
 
 
+def _upstream_error(name: str, status: int, content: bytes) -> tuple[int, bytes]:
+    """llama-server's error answer in OpenAI's shape (its own lacks ``param``).
+
+    Its failures (a 5xx other than 501 and 503: it answers 500 to some bodies it
+    cannot use) become 502: the daemon's upstream failed, not the daemon.
+    """
+    error: Any = None
+    with contextlib.suppress(ValueError, AttributeError, RecursionError):
+        error = json.loads(content).get("error")
+    if not isinstance(error, dict):
+        error = {}
+    message = error.get("message")
+    if not isinstance(message, str) or not message:
+        message = content[:_ERROR_TEXT].decode(errors="replace").strip() or "no message"
+    if status >= 500 and status not in (501, 503):
+        message = f"model {name!r}: llama-server answered {status}: {message}"
+        return 502, _error_body(message, "server_error", code="upstream_error")
+    type_ = error.get("type")
+    code = error.get("code")
+    param = error.get("param")
+    return status, _error_body(
+        message,
+        type_ if isinstance(type_, str) else "invalid_request_error" if status < 500 else "server_error",
+        code=code if isinstance(code, (str, int)) and not isinstance(code, bool) else None,
+        param=param if isinstance(param, str) else None,
+    )
+
+
 def _retry(code: str) -> dict[str, str]:
     return {"Retry-After": "1"} if code == "shutting_down" else {}
 
@@ -415,9 +453,15 @@ def _parse(raw: bytes, required: tuple[str, ...]) -> dict[str, Any]:
     if not raw:
         raise _BadRequest(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # UTF-8 only (with or without a BOM): the body goes to llama-server as it came, and it reads
+        # nothing else (json.loads alone would take UTF-16 and UTF-32 too).
+        body = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise _BadRequest(400, f"the request body is not UTF-8: {exc}", code="invalid_json") from None
+    except ValueError as exc:
         raise _BadRequest(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise _BadRequest(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise _BadRequest(400, "the request body must be a JSON object", code="invalid_json")
     model = body.get("model")
