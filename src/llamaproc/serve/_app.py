@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..errors import LlamaprocError
 from ..protocol import OPENAI_REQUIRED, error_code, error_message, error_status
 from ._metrics import CONTENT_TYPE, ServeMetrics
+from ._openapi import openapi_bytes
 from ._proxy import DEFAULT_MAX_BODY, ProxyRoute, ProxyState, error_response, retry_headers
 from ._upstream import Upstream
 
@@ -90,6 +91,9 @@ def create_app(
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    async def openapi(request: Request) -> Response:
+        return Response(openapi_bytes(), media_type="application/json")
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
@@ -106,6 +110,7 @@ def create_app(
         Route("/api/models/{name}/unload", unload, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     return _App(Starlette(routes=routes, exception_handlers={HTTPException: http_error}), hot)
 

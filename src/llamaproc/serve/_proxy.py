@@ -21,7 +21,9 @@ seconds drops the client's connection.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
 with the codes and statuses of :data:`~llamaproc.protocol.ERROR_CODES`, the
 same codes the socket sends; llama-server's own errors are relayed in that
-shape too. A stream that fails after its first event ends with an error event
+shape too (a parameter it refuses keeps its 4xx status as ``bad_request``; its
+own failures are ``upstream_error``, 502). A body that is not UTF-8 JSON, or
+is nested too deeply to parse, is ``invalid_json``. A stream that fails after its first event ends with an error event
 (``data: {"error": ...}``) and no ``[DONE]``.
 """
 
@@ -274,7 +276,7 @@ class _Call:
         try:
             if not 200 <= response.status < 300:
                 await self._fail(await error_of(response, endpoint.base_url + path))
-            elif stream and path in _KIND:
+            elif stream and path in _KIND and response.content_type.startswith(b"text/event-stream"):
                 await self._relay_stream(endpoint, path, response)
             else:
                 await self._relay_whole(endpoint, response)
@@ -289,7 +291,7 @@ class _Call:
         try:
             usage = json.loads(content).get("usage") or {}
             self.tokens = int(usage.get("completion_tokens") or 0)
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             await self._fail(status_error(502, content[:200], endpoint.base_url))
             return
         self._first_token = True
@@ -432,9 +434,15 @@ def _parse(path: str, raw: bytes) -> dict[str, Any]:
     if not raw:
         raise _BadRequest("invalid_json", "the request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # UTF-8 only (with or without a BOM): the body goes to llama-server as it came, and it reads
+        # nothing else (json.loads alone would take UTF-16 and UTF-32 too).
+        body = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise _BadRequest("invalid_json", f"the request body is not UTF-8: {exc}") from None
+    except ValueError as exc:
         raise _BadRequest("invalid_json", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _BadRequest("invalid_json", "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise _BadRequest("invalid_json", "the request body must be a JSON object")
     try:

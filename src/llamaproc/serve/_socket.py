@@ -405,6 +405,8 @@ class _Connection:
             req = json.loads(line)
         except ValueError as exc:
             raise _BadRequest("invalid_json", f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise _BadRequest("invalid_json", "malformed JSON: nested too deeply") from None
         if not isinstance(req, dict):
             raise _BadRequest("invalid_json", "a request must be a JSON object")
         rid = req.get("id")

@@ -1,0 +1,433 @@
+"""The daemon's HTTP API as an OpenAPI 3.1 document, served at ``GET /openapi.json``.
+
+The document describes what the daemon itself does: its routes, their path
+parameters, the fields of a request body it checks (``model``, ``messages``,
+``prompt``, ``input``, ``stream``; every other field passes through to
+llama-server, hence ``additionalProperties: true``), the outline of its
+answers and every status code it sends, with OpenAI's error shape. The state
+of a model (``/api/models``) is described from :class:`~llamaproc.runtime.ModelStatus`
+itself, so the two cannot drift apart.
+
+The document is built once, on first use, and served as the same bytes after.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from .. import __version__
+from ..runtime import ModelStatus
+
+__all__ = ["openapi_bytes", "openapi_document"]
+
+_JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {_JSON: {"schema": schema}}
+
+
+def _error(description: str, *, retry_after: bool | None = None) -> dict[str, Any]:
+    """A response in OpenAI's error shape; ``retry_after``: True if it always carries ``Retry-After``,
+    False if it may."""
+    response: dict[str, Any] = {"description": description, "content": _json(_ref("Error"))}
+    if retry_after is not None:
+        header = {
+            "description": "Seconds to wait before trying again.",
+            "required": retry_after,
+            "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        }
+        response["headers"] = {"Retry-After": header}
+    return response
+
+
+_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "The name of a model, as configured in the daemon's config file.",
+    "schema": {"type": "string"},
+}
+
+
+def _proxied(summary: str, operation: str, request: str, answer: str, note: str) -> dict[str, Any]:
+    """A ``POST`` route that the daemon forwards to the model's llama-server."""
+    return {
+        "post": {
+            "summary": summary,
+            "description": (
+                "Routed by `model` to that model's llama-server (loaded first if need be) and answered by it: "
+                "the body is forwarded as received and the answer passed back with only its `model` field "
+                "rewritten. " + note
+            ),
+            "operationId": operation,
+            "tags": ["OpenAI"],
+            "requestBody": {"required": True, "content": _json(_ref(request))},
+            "responses": {
+                "200": {
+                    "description": 'llama-server\'s answer. With `"stream": true`, server-sent events, one '
+                    "`data: {...}` event per chunk and `data: [DONE]` at the end; a stream that fails after "
+                    'its first event ends with an error event (`data: {"error": {...}}`) instead. The events '
+                    "are llama-server's, passed on as they come.",
+                    "content": {
+                        _JSON: {"schema": _ref(answer)},
+                        "text/event-stream": {},  # events of JSON chunks: OpenAPI 3.1 has no schema for them
+                    },
+                },
+                "400": _error(
+                    "The body is not a JSON object in UTF-8 (`invalid_json`), lacks a required field or has a "
+                    "field of the wrong type or value (`bad_request`, `param` names it; checked by the daemon "
+                    "with the library's rules), or llama-server refused it (`bad_request`, with llama-server's "
+                    "message and 4xx status)."
+                ),
+                "404": _error("No model of that name is configured (`code`: `model_not_found`)."),
+                "413": _error("The body is larger than the daemon's limit (4 MiB by default)."),
+                "429": _error("The model's queue is full (`code`: `queue_full`).", retry_after=True),
+                "501": _error("The model cannot do this (e.g. embeddings from a model started without them)."),
+                "502": _error("llama-server failed the request or cut the connection (`code`: `upstream_error`)."),
+                "504": _error(
+                    "llama-server sent nothing for `stall_timeout` seconds and used no CPU: it hangs and is "
+                    "restarted (`code`: `upstream_timeout`)."
+                ),
+                "503": _error(
+                    "The model could not be loaded or its server exited (`model_unavailable`), or the daemon "
+                    "is shutting down (`shutting_down`, with `Retry-After`).",
+                    retry_after=False,
+                ),
+            },
+        }
+    }
+
+
+def _model_route(summary: str, action: str, description: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "description": description,
+            "operationId": f"{action}Model",
+            "tags": ["management"],
+            "parameters": [_NAME],
+            "responses": {
+                "200": {"description": "The model's state afterwards.", "content": _json(_ref("ModelStatus"))},
+                "404": _error("No model of that name is configured (`code`: `model_not_found`)."),
+                "503": _error(
+                    "The model could not be loaded (`model_unavailable`), or the daemon is shutting down "
+                    "(`shutting_down`, with `Retry-After`).",
+                    retry_after=False,
+                ),
+            },
+        }
+    }
+
+
+def _request(required: str, field: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": description + " Fields other than those below pass through to llama-server.",
+        "required": ["model", required],
+        "properties": {
+            "model": {"type": "string", "description": "The name of a configured model."},
+            required: field,
+            "stream": {"type": ["boolean", "null"], "description": "Answer with server-sent events."},
+        },
+        "additionalProperties": True,
+    }
+
+
+_TOKENS = {"type": "array", "items": {"type": "integer"}}
+_OUTLINE = {"type": "object", "additionalProperties": True}
+
+
+def _answer(object_: str, description: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["object", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "examples": [object_]},
+            "created": {"type": "integer"},
+            "model": {"type": "string", "description": "The name the request gave."},
+            "choices": {"type": "array", "items": _OUTLINE},
+            "usage": _OUTLINE,
+        },
+        "additionalProperties": True,
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    status = ModelStatus.model_json_schema(mode="serialization", ref_template="#/components/schemas/{model}")
+    schemas: dict[str, Any] = status.pop("$defs", {})
+    schemas["ModelStatus"] = status
+    schemas |= {
+        "Error": {
+            "type": "object",
+            "description": "OpenAI's error shape. `code` is a string of the daemon's (`model_not_found`, "
+            "`queue_full`, ...) or, for an error of llama-server's, the status code it gave.",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "param", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "integer", "null"]},
+                    },
+                }
+            },
+        },
+        "Model": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "model"},
+                "created": {"type": "integer", "description": "When the daemon started (Unix time)."},
+                "owned_by": {"type": "string"},
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
+        },
+        "ChatCompletionRequest": _request(
+            "messages",
+            {
+                "type": "array",
+                "description": "The conversation: OpenAI's message objects.",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "role": {"type": "string"},
+                        "content": {"type": ["string", "array", "null"]},
+                    },
+                    "additionalProperties": True,
+                },
+            },
+            "A chat completion request.",
+        ),
+        "CompletionRequest": _request(
+            "prompt",
+            {
+                "description": "A prompt, token ids, or a list of them.",
+                "anyOf": [
+                    {"type": "string"},
+                    _TOKENS,
+                    {"type": "array", "items": {"anyOf": [{"type": "string"}, _TOKENS]}},
+                ],
+            },
+            "A text completion request.",
+        ),
+        "EmbeddingRequest": _request(
+            "input",
+            {
+                "description": "A text, token ids, or a list of them.",
+                "anyOf": [
+                    {"type": "string"},
+                    _TOKENS,
+                    {"type": "array", "items": {"anyOf": [{"type": "string"}, _TOKENS]}},
+                ],
+            },
+            "An embeddings request (for a model configured with `embeddings = true`).",
+        ),
+        "ChatCompletion": _answer("chat.completion", "llama-server's chat completion, in outline."),
+        "Completion": _answer("text_completion", "llama-server's text completion, in outline."),
+        "Embeddings": {
+            "type": "object",
+            "description": "llama-server's embeddings, in outline.",
+            "required": ["object", "data", "model"],
+            "properties": {
+                "object": {"type": "string", "examples": ["list"]},
+                "model": {"type": "string", "description": "The name the request gave."},
+                "data": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "object": {"type": "string", "examples": ["embedding"]},
+                            "index": {"type": "integer"},
+                            "embedding": {
+                                "description": "The vector (a base64 string with `encoding_format: base64`).",
+                                "anyOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}],
+                            },
+                        },
+                        "additionalProperties": True,
+                    },
+                },
+                "usage": _OUTLINE,
+            },
+            "additionalProperties": True,
+        },
+        "ModelStatusList": {
+            "type": "object",
+            "required": ["models", "draining"],
+            "properties": {
+                "models": {"type": "array", "items": _ref("ModelStatus")},
+                "draining": {"type": "boolean", "description": "True once the daemon is shutting down."},
+            },
+        },
+    }
+    return schemas
+
+
+def _build() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "llamaproc serve",
+            "version": __version__,
+            "description": (
+                "The HTTP API of `llamaproc serve`: OpenAI-compatible routes proxied to the models' "
+                "llama-server processes, and routes to list, load and unload the models, check health and "
+                'scrape metrics. Errors use OpenAI\'s shape `{"error": {"message", "type", "param", '
+                '"code"}}`.'
+            ),
+        },
+        "tags": [
+            {"name": "OpenAI", "description": "OpenAI-compatible routes."},
+            {"name": "management", "description": "The daemon's own routes."},
+        ],
+        "paths": {
+            "/v1/models": {
+                "get": {
+                    "summary": "The configured models",
+                    "operationId": "listModels",
+                    "tags": ["OpenAI"],
+                    "responses": {
+                        "200": {"description": "Every configured model.", "content": _json(_ref("ModelList"))}
+                    },
+                }
+            },
+            "/v1/models/{name}": {
+                "get": {
+                    "summary": "One configured model",
+                    "operationId": "getModel",
+                    "tags": ["OpenAI"],
+                    "parameters": [_NAME],
+                    "responses": {
+                        "200": {"description": "The model.", "content": _json(_ref("Model"))},
+                        "404": _error("No model of that name is configured (`code`: `model_not_found`)."),
+                    },
+                }
+            },
+            "/v1/chat/completions": _proxied(
+                "Chat completion",
+                "createChatCompletion",
+                "ChatCompletionRequest",
+                "ChatCompletion",
+                "llama-server applies the model's chat template.",
+            ),
+            "/v1/completions": _proxied(
+                "Text completion", "createCompletion", "CompletionRequest", "Completion", "The prompt is used as given."
+            ),
+            "/v1/embeddings": _proxied(
+                "Embeddings",
+                "createEmbedding",
+                "EmbeddingRequest",
+                "Embeddings",
+                "The model must be configured with `embeddings = true` (else 501).",
+            ),
+            "/api/models": {
+                "get": {
+                    "summary": "The state of every configured model",
+                    "operationId": "listModelStatus",
+                    "tags": ["management"],
+                    "responses": {
+                        "200": {
+                            "description": "Each model's phase, conditions, process and load.",
+                            "content": _json(_ref("ModelStatusList")),
+                        }
+                    },
+                }
+            },
+            "/api/models/{name}/load": _model_route(
+                "Load a model",
+                "load",
+                "Load the model now (evicting idle ones if need be) and wait until it serves; a `Failed` "
+                "model is tried again.",
+            ),
+            "/api/models/{name}/unload": _model_route(
+                "Unload a model",
+                "unload",
+                "Stop the model's llama-server once its requests in flight are done.",
+            ),
+            "/health": {
+                "get": {
+                    "summary": "Whether the daemon serves",
+                    "operationId": "health",
+                    "tags": ["management"],
+                    "responses": {
+                        "200": {
+                            "description": "The daemon serves.",
+                            "content": _json(
+                                {
+                                    "type": "object",
+                                    "required": ["status", "time"],
+                                    "properties": {
+                                        "status": {"const": "ok"},
+                                        "time": {"type": "string", "format": "date-time"},
+                                    },
+                                }
+                            ),
+                        },
+                        "503": {
+                            "description": "The daemon is shutting down.",
+                            "content": _json(
+                                {
+                                    "type": "object",
+                                    "required": ["status"],
+                                    "properties": {"status": {"const": "shutting_down"}},
+                                }
+                            ),
+                        },
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "operationId": "metrics",
+                    "tags": ["management"],
+                    "responses": {
+                        "200": {
+                            "description": "Requests, tokens, latency and time-to-first-token histograms, queue "
+                            "depth, loads, evictions, restarts and each model's phase, in Prometheus' text format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "tags": ["management"],
+                    "responses": {
+                        "200": {"description": "The OpenAPI 3.1 document of this API.", "content": _json(_OUTLINE)}
+                    },
+                }
+            },
+        },
+        "components": {"schemas": _schemas()},
+    }
+
+
+@functools.cache
+def openapi_bytes() -> bytes:
+    """The document, encoded (built on the first call)."""
+    return json.dumps(_build(), separators=(",", ":")).encode()
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the daemon's HTTP API (a fresh copy the caller may change)."""
+    document: dict[str, Any] = json.loads(openapi_bytes())
+    return document
