@@ -1,6 +1,6 @@
 """Keeping models served: the config, the supervisor of one model, the pool of many, the pid lock."""
 
-from ._config import ModelConfig, ServeConfig, load_config, parse_duration, parse_size
+from ._config import ModelConfig, ServeConfig, load_config, parse_api_keys, parse_duration, parse_size
 from ._pidlock import PidLock, read_pid
 from ._pool import ModelPool, PoolStats, estimate_memory
 from ._supervisor import Condition, Loader, ModelStatus, Phase, Supervisor
@@ -18,6 +18,7 @@ __all__ = [
     "Supervisor",
     "estimate_memory",
     "load_config",
+    "parse_api_keys",
     "parse_duration",
     "parse_size",
     "read_pid",
