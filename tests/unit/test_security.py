@@ -234,9 +234,7 @@ async def test_a_known_host_stays_accepted_and_a_refused_one_is_not_remembered()
 
 
 async def test_a_cross_origin_text_plain_post_is_refused() -> None:
-    request = scope(
-        "/api/models/tiny/unload", "POST", origin=b"http://evil.example", content_type=b"text/plain"
-    )
+    request = scope("/api/models/tiny/unload", "POST", origin=b"http://evil.example", content_type=b"text/plain")
     status, _, body = await answer(HttpSecurity(), request)
     assert status == 403 and body["error"]["code"] == "origin_not_allowed"
     # Even with a valid key: the page may hold one the user typed in, not this daemon's trust.
@@ -299,7 +297,9 @@ async def test_allowed_origin_gets_cors_headers_and_its_preflight_answered() -> 
 
 async def test_a_preflight_from_an_origin_not_allowed_is_refused() -> None:
     security = HttpSecurity(allowed_origins=["http://app.example"])
-    request = scope("/v1/chat/completions", "OPTIONS", origin=b"http://evil.example", access_control_request_method=b"POST")
+    request = scope(
+        "/v1/chat/completions", "OPTIONS", origin=b"http://evil.example", access_control_request_method=b"POST"
+    )
     assert (await answer(security, request))[0] == 403
 
 

@@ -80,7 +80,7 @@ def host_of(authority: bytes) -> bytes:
     if authority.startswith(b"["):
         end = authority.find(b"]")
         return authority[: end + 1] if end > 0 else b""
-    host, colon, _ = authority.partition(b":")
+    host = authority.partition(b":")[0]
     return host.removesuffix(b".")
 
 
