@@ -6,7 +6,7 @@ import pytest
 
 from llamaproc import ConfigError
 from llamaproc.errors import LlamaprocError
-from llamaproc.runtime import ModelConfig, ServeConfig, load_config, parse_duration, parse_size
+from llamaproc.runtime import ModelConfig, ServeConfig, load_config, parse_api_keys, parse_duration, parse_size
 
 
 def write(tmp_path: Path, text: str, *, model: str = "tiny.gguf") -> Path:
@@ -44,6 +44,12 @@ restart_backoff = "1s"
 restart_backoff_max = "1m"
 max_restarts = 3
 restart_window = "1h30m"
+api_keys = ["key-one", "key-two"]
+allowed_hosts = ["LLM.Example.com", "::1", "10.0.0.5"]
+allowed_origins = ["https://App.Example.com:443", "http://localhost:3000", "*"]
+header_timeout = "5s"
+body_timeout = "1m"
+max_connections = 64
 
 [models.tiny]
 path = "{tmp_path / "tiny.gguf"}"
@@ -68,6 +74,12 @@ binary = "./llama-server"
     assert cfg.restart_backoff_max == 60.0
     assert cfg.max_restarts == 3
     assert cfg.restart_window == 5400.0
+    assert [key.get_secret_value() for key in cfg.api_keys] == ["key-one", "key-two"]
+    assert cfg.allowed_hosts == ("llm.example.com", "[::1]", "10.0.0.5")
+    assert cfg.allowed_origins == ("https://app.example.com", "http://localhost:3000", "*")
+    assert cfg.header_timeout == 5.0
+    assert cfg.body_timeout == 60.0
+    assert cfg.max_connections == 64
     tiny = cfg.models["tiny"]
     assert tiny == ModelConfig(
         path=tmp_path / "tiny.gguf",
@@ -94,6 +106,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.restart_backoff_max == 30.0
     assert cfg.max_restarts == 5
     assert cfg.restart_window == 60.0
+    assert (cfg.api_keys, cfg.allowed_hosts, cfg.allowed_origins) == ((), (), ())
+    assert (cfg.header_timeout, cfg.body_timeout, cfg.max_connections) == (10.0, 30.0, 1024)
     tiny = cfg.models["tiny"]
     assert tiny.parallel == 1
     assert (tiny.ctx_size, tiny.gpu_layers, tiny.threads, tiny.binary) == (None, None, None, None)
@@ -248,6 +262,81 @@ def test_serve_config_without_load_config_skips_file_check(tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     cfg = ServeConfig.model_validate({"models": {"x": {"path": "absent.gguf"}}})
     assert cfg.models["x"].path == tmp_path / "absent.gguf"
+
+
+def test_api_keys_are_never_shown(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, 'api_keys = ["very-secret-key"]\n' + MINIMAL))
+    assert "very-secret-key" not in repr(cfg)
+    assert "very-secret-key" not in str(cfg)
+    assert "very-secret-key" not in cfg.model_dump_json()
+    err = load_error(write(tmp_path, 'api_keys = ["fine-key", "very secret key"]\n' + MINIMAL))
+    assert str(err).endswith(
+        ": api_keys[1]: invalid API key: must be non-empty and contain only visible ASCII characters"
+        " (no spaces or commas)"
+    )
+    assert "secret" not in str(err)
+
+
+def test_bad_api_keys(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, 'api_keys = ["", "a,b", 5]\n' + MINIMAL))
+    assert [line.split(": ", 1)[1] for line in err.problems] == [
+        "api_keys[0]: invalid API key: must be non-empty and contain only visible ASCII characters (no spaces or commas)",
+        "api_keys[1]: invalid API key: must be non-empty and contain only visible ASCII characters (no spaces or commas)",
+        "api_keys[2]: Input should be a valid string",
+    ]
+    err = load_error(write(tmp_path, 'api_keys = "one-key"\n' + MINIMAL))
+    assert str(err).endswith(": api_keys: Input should be a valid tuple")
+
+
+def test_parse_api_keys() -> None:
+    keys = parse_api_keys(" key-one, key-two,, ")
+    assert [k.get_secret_value() for k in keys] == ["key-one", "key-two"]
+    assert parse_api_keys("") == ()
+    with pytest.raises(ConfigError, match=r"^key 2: invalid API key: ") as info:
+        parse_api_keys("key-one,bad\tkey")
+    assert "bad" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'allowed_hosts = ["llm.example.com:8484"]',
+            "allowed_hosts[0]: invalid host 'llm.example.com:8484': expected a host name or an IP address"
+            " without a port (any port is accepted), e.g. 'llm.example.com', or '*'",
+        ),
+        (
+            'allowed_hosts = ["http://llm.example.com"]',
+            "allowed_hosts[0]: invalid host 'http://llm.example.com': expected a host name or an IP address,"
+            " e.g. 'llm.example.com', or '*'",
+        ),
+        (
+            'allowed_origins = ["https://app.example.com/"]',
+            "allowed_origins[0]: invalid origin 'https://app.example.com/': expected 'scheme://host[:port]'"
+            " (http or https, no path), e.g. 'https://app.example.com', or '*'",
+        ),
+        (
+            'allowed_origins = ["app.example.com"]',
+            "allowed_origins[0]: invalid origin 'app.example.com': expected 'scheme://host[:port]'"
+            " (http or https, no path), e.g. 'https://app.example.com', or '*'",
+        ),
+        (
+            'allowed_origins = ["http://app.example.com:70000"]',
+            "allowed_origins[0]: invalid origin 'http://app.example.com:70000': expected 'scheme://host[:port]'"
+            " (http or https, no path), e.g. 'https://app.example.com', or '*'",
+        ),
+        ('header_timeout = "never"', "header_timeout: invalid duration 'never': must be greater than zero"),
+        ("body_timeout = 0", "body_timeout: invalid duration 0: must be greater than zero"),
+        ("max_connections = 0", "max_connections: Input should be greater than or equal to 1"),
+        ('max_connections = "many"', "max_connections: Input should be a valid integer"),
+        ("allowed_origin = []", "unknown key 'allowed_origin' (did you mean 'allowed_origins'?)"),
+        ("api_key = []", "unknown key 'api_key' (did you mean 'api_keys'?)"),
+        ("header_timout = 1", "unknown key 'header_timout' (did you mean 'header_timeout'?)"),
+    ],
+)
+def test_bad_http_settings(tmp_path: Path, text: str, message: str) -> None:
+    err = load_error(write(tmp_path, text + "\n" + MINIMAL))
+    assert str(err) == f"{tmp_path / 'serve.toml'}: {message}"
 
 
 @pytest.mark.parametrize(

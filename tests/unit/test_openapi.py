@@ -98,7 +98,7 @@ def test_request_bodies_name_the_fields_the_daemon_checks() -> None:
 
 
 def test_the_route_serves_the_document() -> None:
-    with TestClient(_app()) as client:
+    with TestClient(_app(), base_url="http://127.0.0.1") as client:
         answer = client.get("/openapi.json")
         assert answer.status_code == 200
         assert answer.headers["content-type"] == "application/json"

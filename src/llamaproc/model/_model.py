@@ -154,9 +154,9 @@ class TextModel:
             closed.__cause__ = error
             error = closed
         elif isinstance(error, ServerError):
-            if isinstance(error, (TransportError, IncompleteStreamError)):
-                # A cut connection is seen before the exit status: give the kernel a moment.
-                # (An error answer came from a live server: no need to wait for that.)
+            if isinstance(error, (TransportError, IncompleteStreamError)) or self._hung is not None:
+                # A cut connection (or a kill for a hang) is seen before the exit status: give the
+                # kernel a moment. (An error answer came from a live server: no need to wait for that.)
                 with anyio.move_on_after(_EXIT_WAIT):
                     while self._process.returncode is None:
                         await anyio.sleep(0.01)

@@ -90,6 +90,9 @@ ERROR_CODES: dict[str, ErrorCode] = {
         ErrorCode("model_unavailable", 503, _SERVER,
                   "the model is Failed, could not be loaded, is loading, or does not fit the memory budget"),
         ErrorCode("shutting_down", 503, _SERVER, "the daemon is draining or stopping", retry=True),
+        ErrorCode("too_many_connections", 503, _SERVER,
+                  "the daemon has `max_connections` HTTP connections open; refused before reading", "http",
+                  retry=True),
         ErrorCode("upstream_timeout", 504, _SERVER,
                   "llama-server sent nothing for `stall_timeout` seconds and made no progress (hung; restarted)"),
     )

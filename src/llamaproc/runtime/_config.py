@@ -6,6 +6,7 @@ per model::
     max_loaded_models = 2
     memory_budget = "8GiB"
     idle_timeout = "5m"
+    api_keys = ["a-long-random-key"]
 
     [models.tiny]
     path = "models/tiny.gguf"
@@ -20,6 +21,7 @@ int bytes. Every problem in the file is reported at once, one line each, as a
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import itertools
 import math
 import os
@@ -35,6 +37,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -51,6 +54,7 @@ __all__ = [
     "ModelConfig",
     "ServeConfig",
     "load_config",
+    "parse_api_keys",
     "parse_duration",
     "parse_size",
 ]
@@ -168,6 +172,105 @@ def _check_model_name(name: str) -> str:
 _ModelName = Annotated[StrictStr, AfterValidator(_check_model_name)]
 
 
+# --- the HTTP front end: API keys, hosts, origins ------------------------------------------------
+
+#: Visible ASCII but the comma (``LLAMAPROC_API_KEYS`` is a comma-separated list): what an
+#: ``Authorization: Bearer`` header can carry as is.
+_API_KEY_RE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+_HOST_NAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]*)(\.[a-z0-9_]([a-z0-9_-]*))*")
+_ORIGIN_RE = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[^/:\[\]]+)(?::(\d{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _check_api_key(key: str) -> None:
+    # The messages never repeat the key: a config error may end up in a log.
+    if not _API_KEY_RE.fullmatch(key):
+        raise ConfigError(
+            "invalid API key: must be non-empty and contain only visible ASCII characters (no spaces or commas)"
+        )
+
+
+def _api_key(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ConfigError("Input should be a valid string")
+    _check_api_key(value)
+    return value
+
+
+def parse_api_keys(text: str) -> tuple[SecretStr, ...]:
+    """The API keys of a comma-separated list (``LLAMAPROC_API_KEYS``); blanks around them are ignored.
+
+    Raises :class:`ConfigError` for a key that is not visible ASCII, without repeating it.
+    """
+    keys = []
+    for number, part in enumerate(text.split(","), 1):
+        key = part.strip()
+        if not key:
+            continue
+        try:
+            _check_api_key(key)
+        except ConfigError as exc:
+            raise ConfigError(f"key {number}: {exc}") from None
+        keys.append(SecretStr(key))
+    return tuple(keys)
+
+
+def _normal_host(text: str) -> str | None:
+    """``text`` as a lower-case host name, a dotted IPv4 address or a bracketed IPv6 one; None if it is none."""
+    text = text.lower().removesuffix(".")
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        brackets = True
+    else:
+        brackets = False
+    if ":" in text:
+        try:
+            return f"[{ipaddress.IPv6Address(text).compressed}]"
+        except ValueError:
+            return None
+    if brackets or not _HOST_NAME_RE.fullmatch(text):
+        return None
+    return text
+
+
+def _allowed_host(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ConfigError("Input should be a valid string")
+    if value == "*":
+        return value
+    host = _normal_host(value)
+    if host is None:
+        hint = " without a port (any port is accepted)" if re.fullmatch(r"[^:]+:\d+|\[.*\]:\d+", value) else ""
+        raise ConfigError(
+            f"invalid host {value!r}: expected a host name or an IP address{hint}, e.g. 'llm.example.com', or '*'"
+        )
+    return host
+
+
+def _allowed_origin(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ConfigError("Input should be a valid string")
+    if value == "*":
+        return value
+    match = _ORIGIN_RE.fullmatch(value.lower())
+    host = _normal_host(match.group(2)) if match else None
+    port = int(match.group(3)) if match and match.group(3) else None
+    if match is None or host is None or (port is not None and not 0 < port < 65536):
+        raise ConfigError(
+            f"invalid origin {value!r}: expected 'scheme://host[:port]' (http or https, no path),"
+            " e.g. 'https://app.example.com', or '*'"
+        )
+    scheme = match.group(1)
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+_ApiKey = Annotated[SecretStr, BeforeValidator(_api_key)]
+_AllowedHost = Annotated[str, BeforeValidator(_allowed_host)]
+_AllowedOrigin = Annotated[str, BeforeValidator(_allowed_origin)]
+
+
 # --- models --------------------------------------------------------------------------------------
 
 
@@ -229,6 +332,16 @@ class ServeConfig(BaseModel):
     is killed and restarted as hung ("never": no limit; a model's own
     ``stall_timeout`` overrides it). ``write_timeout`` (30s): how long a write to
     a client may block before the client counts as gone.
+
+    The HTTP front end: ``api_keys``, when any is set, are required as
+    ``Authorization: Bearer KEY`` on every route but ``GET /health`` (they are
+    :class:`~pydantic.SecretStr`: never shown in a repr or a log).
+    ``allowed_hosts``: ``Host`` names accepted besides the loopback ones
+    (``"*"``: any). ``allowed_origins``: the ``scheme://host[:port]`` browser
+    origins that may call the API (``"*"``: any). ``header_timeout`` (10s):
+    how long a client may take to send a whole request head;
+    ``body_timeout`` (30s): its whole body; ``max_connections`` (1024):
+    open HTTP connections beyond which new ones are refused at once.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -246,6 +359,12 @@ class ServeConfig(BaseModel):
     write_timeout: _PositiveDuration = 30.0
     models: dict[_ModelName, ModelConfig] = Field(min_length=1)
     preload: tuple[StrictStr, ...] = ()
+    api_keys: tuple[_ApiKey, ...] = ()
+    allowed_hosts: tuple[_AllowedHost, ...] = ()
+    allowed_origins: tuple[_AllowedOrigin, ...] = ()
+    header_timeout: _PositiveDuration = 10.0
+    body_timeout: _PositiveDuration = 30.0
+    max_connections: StrictInt = Field(default=1024, ge=1)
 
     @field_validator("preload")
     @classmethod

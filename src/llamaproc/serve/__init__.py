@@ -8,6 +8,7 @@ from ._app import create_app
 from ._daemon import DaemonInfo, cmd_serve, default_state_dir, run_daemon
 from ._metrics import CONTENT_TYPE, ServeMetrics
 from ._proxy import DEFAULT_MAX_BODY
+from ._security import HttpSecurity
 from ._socket import MAX_IN_FLIGHT, MAX_LINE, WRITE_TIMEOUT, ActiveRequests, serve_socket
 from ._upstream import Upstream, UpstreamError, UpstreamResponse
 
@@ -19,6 +20,7 @@ __all__ = [
     "WRITE_TIMEOUT",
     "ActiveRequests",
     "DaemonInfo",
+    "HttpSecurity",
     "ServeMetrics",
     "Upstream",
     "UpstreamError",

@@ -18,6 +18,7 @@ from ..protocol import OPENAI_REQUIRED, error_code, error_message, error_status
 from ._metrics import CONTENT_TYPE, ServeMetrics
 from ._openapi import openapi_bytes
 from ._proxy import DEFAULT_MAX_BODY, ProxyRoute, ProxyState, error_response, retry_headers
+from ._security import HttpSecurity
 from ._upstream import Upstream
 
 if TYPE_CHECKING:
@@ -39,10 +40,13 @@ def create_app(
     client: Upstream,
     metrics: ServeMetrics | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    security: HttpSecurity | None = None,
 ) -> ASGIApp:
     """The ASGI app of the daemon, serving ``pool``.
 
     ``client`` reaches the llama-server children; the caller owns and closes it.
+    ``security`` checks every request first (default: no API key, loopback
+    ``Host`` names only, no cross-origin browser requests).
     """
     if metrics is None:
         metrics = ServeMetrics(pool)
@@ -112,24 +116,34 @@ def create_app(
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return _App(Starlette(routes=routes, exception_handlers={HTTPException: http_error}), hot)
+    starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return _App(starlette, hot, security if security is not None else HttpSecurity())
 
 
 class _App:
-    """The daemon's ASGI app: the proxied ``POST`` routes go straight to their endpoint, everything
-    else through Starlette (routing, error pages). The proxy answers its own errors, so Starlette's
-    middleware has nothing to add on the path every token request takes."""
+    """The daemon's ASGI app: every request passes the security gate (``Host``, ``Origin``, API key),
+    then the proxied ``POST`` routes go straight to their endpoint, everything else through Starlette
+    (routing, error pages). The proxy answers its own errors, so Starlette's middleware has nothing
+    to add on the path every token request takes."""
 
-    __slots__ = ("hot", "starlette")
+    __slots__ = ("hot", "security", "starlette")
 
-    def __init__(self, starlette: Starlette, hot: dict[str, ProxyRoute]) -> None:
+    def __init__(self, starlette: Starlette, hot: dict[str, ProxyRoute], security: HttpSecurity) -> None:
         self.starlette = starlette
         self.hot = hot
+        self.security = security
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = self.hot.get(scope["path"])
-            if endpoint is not None:
-                await endpoint(scope, receive, send)
-                return
+        if scope["type"] == "http":
+            verdict = self.security.check(scope)
+            if verdict is not None:
+                if verdict.status:
+                    await verdict.answer(send)
+                    return
+                send = verdict.wrap(send)
+            if scope["method"] == "POST":
+                endpoint = self.hot.get(scope["path"])
+                if endpoint is not None:
+                    await endpoint(scope, receive, send)
+                    return
         await self.starlette(scope, receive, send)

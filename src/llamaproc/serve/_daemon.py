@@ -17,6 +17,13 @@ mid-answer.
 
 Paths given relative (``--state-dir``, ``--socket``) are made absolute:
 ``serve.json`` must be usable by clients started from any directory.
+
+Every HTTP request passes the checks of :mod:`._security` (``Host``,
+``Origin``, API key) and the deadlines and connection limit of
+:mod:`._limits`; the config's ``api_keys`` are joined by those of the
+``LLAMAPROC_API_KEYS`` environment variable (comma-separated). Listening on a
+non-loopback address without any key logs a warning. The Unix socket needs no
+key: it is the owner's alone (mode 0600).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -41,10 +49,12 @@ import anyio
 import uvicorn
 
 from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocError
-from ..runtime import PidLock, ServeConfig, load_config
+from ..runtime import PidLock, ServeConfig, load_config, parse_api_keys
 from ._app import create_app
+from ._limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from ._metrics import ServeMetrics
 from ._proxy import DEFAULT_MAX_BODY, stall_timeout_of
+from ._security import HttpSecurity
 from ._upstream import Upstream
 
 if TYPE_CHECKING:
@@ -64,6 +74,8 @@ SOCKET_FILE = "serve.sock"
 HTTP_SHUTDOWN_TIMEOUT = 5
 #: How long the socket server gets to write the last events of its requests before it closes.
 SOCKET_SHUTDOWN_TIMEOUT = 2.0
+#: The environment variable whose comma-separated API keys are added to the config's.
+API_KEYS_ENV = "LLAMAPROC_API_KEYS"
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,14 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _is_loopback(sock: socket.socket) -> bool:
+    """Whether ``sock`` listens on a loopback address (not a wildcard or a network interface's)."""
+    try:
+        return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+    except ValueError:  # pragma: no cover - a TCP socket always has an IP address
+        return False
 
 
 def _url(sock: socket.socket) -> str:
@@ -176,14 +196,32 @@ async def run_daemon(
         stack.enter_context(PidLock(directory / PID_FILE))
         listener = stack.enter_context(_bind(host, port))
         url = _url(listener)
+        loopback = _is_loopback(listener)
+        security = HttpSecurity.from_config(config, loopback=loopback)
+        if not loopback and not security.requires_key:
+            _log.warning(
+                "llamaproc serve: listening on %s, not a loopback address, without any API key: anyone who can"
+                " reach it can use, load and unload the models. Set api_keys in the config (or %s).",
+                url,
+                API_KEYS_ENV,
+            )
+        limits = ConnectionLimits(
+            header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout,
+            max_connections=config.max_connections,
+        )
+        ensure_file_limit(limits.max_connections)
         metrics = ServeMetrics()
         socket_requests = ActiveRequests()
         async with Upstream() as client, ModelPool(config) as pool:
             metrics.attach(pool)
-            app = create_app(pool, client=client, metrics=metrics, max_body=max_body)
+            app = create_app(pool, client=client, metrics=metrics, max_body=max_body, security=security)
             server = _Server(
                 uvicorn.Config(
                     app,
+                    http=limited_protocol(limits),
+                    # No WebSocket routes: no upgrade to a protocol that would skip the limits.
+                    ws="none",
                     lifespan="off",
                     log_config=None,
                     log_level="warning",
@@ -315,6 +353,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"llamaproc serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        extra_keys = parse_api_keys(os.environ.get(API_KEYS_ENV, ""))
+    except ConfigError as exc:
+        print(f"llamaproc serve: {API_KEYS_ENV}: {exc}", file=sys.stderr)
+        return 2
+    if extra_keys:
+        config = config.model_copy(update={"api_keys": config.api_keys + extra_keys})
     state_dir = getattr(args, "state_dir", None)
     # The supervisors' health probes would log a line each.
     for name in ("httpx", "httpcore"):

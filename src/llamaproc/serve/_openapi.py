@@ -421,10 +421,32 @@ def _build() -> dict[str, Any]:
     }
 
 
+#: What the HTTP front end's gate may answer on any route, before the route sees the request.
+_GATE = {
+    "401": _error("An API key is configured and the request has none, or not one of them (`invalid_api_key`)."),
+    "403": _error("A cross-origin browser request from an origin not in `allowed_origins` (`origin_not_allowed`)."),
+    "408": _error("The request's body did not arrive within `body_timeout` (`request_timeout`)."),
+    "421": _error("The `Host` is not one this daemon answers to (`invalid_host`; see `allowed_hosts`)."),
+    "503": _error("Too many connections are open (`too_many_connections`), or see the route.", retry_after=False),
+}
+
+
+def _with_gate(document: dict[str, Any]) -> dict[str, Any]:
+    """Every operation also documents the gate's refusals (``/health`` needs no key, but Host and
+    Origin are checked there too)."""
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            for status, response in _GATE.items():
+                if status == "401" and path == "/health":
+                    continue
+                operation["responses"].setdefault(status, response)
+    return document
+
+
 @functools.cache
 def openapi_bytes() -> bytes:
     """The document, encoded (built on the first call)."""
-    return json.dumps(_build(), separators=(",", ":")).encode()
+    return json.dumps(_with_gate(_build()), separators=(",", ":")).encode()
 
 
 def openapi_document() -> dict[str, Any]:
