@@ -1,16 +1,16 @@
 """The socket protocol's generate and chat ops sent through the daemon's ``Upstream`` client.
 
 The model is a real :class:`TextModel` around a stand-in process, and its
-llama-server a scripted HTTP server in the test: these tests are about what
+llama-server a scripted HTTP server in the test (tests/unit/llama_stub.py,
+each answer scripted by the test): these tests are about what
 goes to llama-server (the same body as the model's own streams send), how its
 answers become events, and how failures and cancellations end.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
+from llama_stub import Answer, LlamaStub, endless_answer, sse, status_answer, stream_answer
 from test_socket_protocol import Client
 
 from llamaproc import LlamaClient, ModelNotFoundError, TextModel
@@ -28,8 +29,6 @@ from llamaproc.serve._socket import serve_socket
 from llamaproc.types import Timings
 
 pytestmark = pytest.mark.anyio  # asyncio only: Upstream is built on asyncio streams
-
-Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 TIMINGS = {"prompt_n": 3, "prompt_ms": 1.5, "predicted_n": 2, "predicted_ms": 2.5, "cache_n": 0}
 NATIVE = [
@@ -58,10 +57,6 @@ CHAT = [
 ERROR_EVENT = {"error": {"code": 500, "message": "the slot broke", "type": "server_error"}}
 
 
-def sse(*events: Any) -> bytes:
-    return b"".join(b"data: " + (e if isinstance(e, str) else json.dumps(e)).encode() + b"\n\n" for e in events)
-
-
 class Process:
     """Stands in for a running ServerProcess."""
 
@@ -74,82 +69,6 @@ class Process:
 
     async def stop(self) -> int | None:
         return self.returncode
-
-
-class Llama:
-    """A scripted llama-server: records each request and answers it with ``answer``."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[bytes, bytes]] = []  # (path, body)
-        self.answer: Answer = stream_answer(sse(*NATIVE))
-        self.hung_up = asyncio.Event()  # a client closed a connection in the middle of an answer
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
-            self.requests.append((lines[0].split()[1], await reader.readexactly(int(headers[b"content-length"]))))
-            await self.answer(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            self.hung_up.set()
-        finally:
-            writer.close()
-
-
-def stream_answer(body: bytes, *, piece: int = 0, cut: bool = False, then: Callable[[], None] | None = None) -> Answer:
-    """A chunked SSE answer, in HTTP chunks of ``piece`` bytes (0: one chunk per event);
-    ``cut`` drops the connection instead of ending the body, after calling ``then``."""
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-            b"Connection: close\r\n\r\n"
-        )
-        parts = [e + b"\n\n" for e in body.split(b"\n\n") if e] if not piece else [
-            body[i : i + piece] for i in range(0, len(body), piece)
-        ]
-        for part in parts:
-            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
-            await writer.drain()
-            await asyncio.sleep(0.001)
-        if then is not None:
-            then()
-        if cut:
-            writer.transport.abort()
-            return
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-
-    return answer
-
-
-def endless_answer() -> Answer:
-    """A token every 10 ms until the client goes away."""
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
-        event = sse({"content": "x", "tokens": [1], "stop": False})
-        while True:
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-            await writer.drain()
-            await asyncio.sleep(0.01)
-
-    return answer
-
-
-def status_answer(status: int, body: Any) -> Answer:
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raw = json.dumps(body).encode()
-        writer.write(
-            b"HTTP/1.1 %d Oops\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (status, len(raw), raw)
-        )
-        await writer.drain()
-
-    return answer
 
 
 class Pool:
@@ -169,16 +88,16 @@ class Pool:
 
 
 @pytest.fixture
-async def llama() -> AsyncIterator[Llama]:
-    yield Llama()
+async def llama() -> AsyncIterator[LlamaStub]:
+    async with LlamaStub() as stub:
+        stub.answer = stream_answer(sse(*NATIVE))
+        yield stub
 
 
 @asynccontextmanager
-async def setup(llama: Llama, tmp_path: Path) -> AsyncIterator[tuple[TextModel, Process, Path]]:
+async def setup(llama: LlamaStub, tmp_path: Path) -> AsyncIterator[tuple[TextModel, Process, Path]]:
     """A TextModel on the scripted llama-server, and the socket server in front of it."""
-    server = await asyncio.start_server(llama.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    process = Process(port)
+    process = Process(llama.port)
     stand_in: Any = process
     backend = Backend(binary=tmp_path / "llama-server", flavour="cpu")
     model = TextModel(stand_in, LlamaClient(process.base_url), path=tmp_path / "m.gguf", backend=backend)
@@ -190,8 +109,6 @@ async def setup(llama: Llama, tmp_path: Path) -> AsyncIterator[tuple[TextModel, 
             tg.cancel_scope.cancel()
     finally:
         await model.close()
-        server.close()
-        await server.wait_closed()
 
 
 @asynccontextmanager
@@ -203,7 +120,7 @@ async def connected(path: Path) -> AsyncIterator[Client]:
 PARAMS: dict[str, Any] = {"max_tokens": 3, "temperature": 0.5, "stop": "\n", "seed": 42, "top_k": 5}
 
 
-async def test_generate_sends_what_the_model_sends_and_streams_tokens_with_ids(llama: Llama, tmp_path: Path) -> None:
+async def test_generate_sends_what_the_model_sends_and_streams_tokens_with_ids(llama: LlamaStub, tmp_path: Path) -> None:
     llama.answer = stream_answer(sse(*NATIVE), piece=7)  # events split across HTTP chunks
     async with setup(llama, tmp_path) as (model, _, path), connected(path) as c:
         async with model.generate("Once", **PARAMS) as stream:
@@ -231,7 +148,7 @@ async def test_generate_sends_what_the_model_sends_and_streams_tokens_with_ids(l
     assert model.last_metrics is not None and model.last_metrics.decode_ms == 2.5
 
 
-async def test_chat_sends_what_the_model_sends(llama: Llama, tmp_path: Path) -> None:
+async def test_chat_sends_what_the_model_sends(llama: LlamaStub, tmp_path: Path) -> None:
     llama.answer = stream_answer(sse(*CHAT))
     messages = [{"role": "user", "content": "hi"}]
     async with setup(llama, tmp_path) as (model, _, path), connected(path) as c:
@@ -263,7 +180,7 @@ async def test_chat_sends_what_the_model_sends(llama: Llama, tmp_path: Path) -> 
     ids=["400", "503-loading", "500", "error-event", "no-final-event", "cut", "error-after-the-end", "malformed"],
 )
 async def test_failures_end_with_one_error_event(
-    llama: Llama, tmp_path: Path, answer: Answer, code: str, message: str
+    llama: LlamaStub, tmp_path: Path, answer: Answer, code: str, message: str
 ) -> None:
     llama.answer = answer
     async with setup(llama, tmp_path) as (model, _, path), connected(path) as c:
@@ -279,7 +196,7 @@ async def test_failures_end_with_one_error_event(
         assert (await c.until_final(1))[-1]["event"] == "done"
 
 
-async def test_a_crashed_child_is_named_with_its_exit_code(llama: Llama, tmp_path: Path) -> None:
+async def test_a_crashed_child_is_named_with_its_exit_code(llama: LlamaStub, tmp_path: Path) -> None:
     async with setup(llama, tmp_path) as (model, process, path), connected(path) as c:
 
         def crash() -> None:
@@ -298,9 +215,10 @@ async def test_a_crashed_child_is_named_with_its_exit_code(llama: Llama, tmp_pat
     assert len(llama.requests) == 1
 
 
-async def test_bad_arguments_are_bad_requests_before_anything_is_sent(llama: Llama, tmp_path: Path) -> None:
+async def test_bad_arguments_are_bad_requests_before_anything_is_sent(llama: LlamaStub, tmp_path: Path) -> None:
     async with setup(llama, tmp_path) as (_, _, path), connected(path) as c:
-        for i, bad in enumerate([{"max_tokens": -5}, {"n_predict": 3}, {"temperature": float("nan")}]):
+        bads: list[dict[str, Any]] = [{"max_tokens": -5}, {"n_predict": 3}, {"temperature": float("nan")}]
+        for i, bad in enumerate(bads):
             await c.send({"id": i, "op": "generate", "model": "m", "prompt": "x", **bad})
             event = await c.event()
             assert (event["id"], event["code"]) == (i, "bad_request"), event
@@ -308,7 +226,7 @@ async def test_bad_arguments_are_bad_requests_before_anything_is_sent(llama: Lla
 
 
 @pytest.mark.parametrize("how", ["cancel", "disconnect"])
-async def test_cancelling_closes_the_upstream_connection(llama: Llama, tmp_path: Path, how: str) -> None:
+async def test_cancelling_closes_the_upstream_connection(llama: LlamaStub, tmp_path: Path, how: str) -> None:
     llama.answer = endless_answer()
     async with setup(llama, tmp_path) as (_, _, path):
         async with connected(path) as c:

@@ -25,14 +25,20 @@ Answers, one event per line, each carrying the request's ``id``::
     {"id": "1", "event": "error", "code": "queue_full", "message": "...", "retry_after": 1.0}
 
 Every request ends with exactly one ``done``, ``result`` or ``error`` event;
-the id may be reused after it. Error codes are those of
-:data:`llamaproc.protocol.ERROR_CODES`, the same as the HTTP front end's
-(``bad_request`` with ``param`` naming the field, ``queue_full`` with
-``retry_after`` seconds, ...). A line that cannot be tied to a request (bad
-JSON, too long) is answered with ``"id": null``; the connection keeps
-working. A request whose id is still in flight is refused with ``"id":
-null``, ``"code": "duplicate_id"`` and ``"target"``, the id: answering with
-the id would read as the end of the running request.
+the id may be reused after it. Error codes are the daemon's one table
+(:data:`~llamaproc.protocol.ERROR_CODES`, shared with the HTTP front end):
+``invalid_json``, ``bad_request`` (with ``param``, the field at fault, when
+there is one), ``unknown_op``, ``line_too_long``, ``duplicate_id``,
+``too_many_requests``, ``not_found`` (cancel of an id not in flight),
+``cancelled``, ``model_not_found``, ``queue_full`` (with ``retry_after``
+seconds), ``model_unavailable``, ``not_supported``, ``shutting_down``,
+``upstream_error`` (llama-server failed the request or crashed),
+``upstream_timeout`` (it sent nothing for the stall timeout while using no
+CPU: it was killed), ``internal_error``. A line that cannot be tied to a
+request (bad JSON, too long) is answered with ``"id": null``; the connection
+keeps working. So is a request whose id is that of a request still in
+flight, with ``"code": "duplicate_id", "target": <the id>``: an answer with
+the id would end the running request for the client, which goes on.
 
 Cancelling: ``{"op": "cancel", "id": X}`` cancels the in-flight request X,
 which then ends with ``{"id": X, "event": "error", "code": "cancelled"}``.
@@ -413,6 +419,14 @@ class _Connection:
         if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
             raise _BadRequest("bad_request", '"id" must be a string or an integer', "id")
         op = req.get("op")
+        if rid is not None and rid in self.requests and not (op == "cancel" and "target" not in req):
+            # Whatever the op (only a cancel by id names a running request), not answered with that
+            # id: the client would take the answer for the end of the running request.
+            await self._send({
+                "id": None, "event": "error", "code": "duplicate_id", "target": rid,
+                "message": f"a request with id {rid!r} is still in flight on this connection; this one was not started",
+            })  # fmt: skip
+            return
         if not isinstance(op, str):
             await self._error(rid, "bad_request", 'missing "op" (one of: ' + ", ".join(_OPS) + ")", "op")
             return
@@ -427,13 +441,6 @@ class _Connection:
             return
         if rid is None:
             raise _BadRequest("bad_request", f'op {op!r} needs an "id"', "id")
-        if rid in self.requests:
-            # Not answered with that id: the client would take it for the end of the running request.
-            await self._send({
-                "id": None, "event": "error", "code": "duplicate_id", "target": rid,
-                "message": f"a request with id {rid!r} is still in flight on this connection; this one was not started",
-            })  # fmt: skip
-            return
         if op == "models":
             models = [{"name": s.name, "phase": str(s.phase), "loaded": bool(s.loaded)} for s in self.pool.status()]
             await self._send({"id": rid, "event": "result", "models": models})
