@@ -84,8 +84,10 @@ import anyio.abc
 from ..errors import InvalidArgumentError, ListenError, LlamaprocError, QueueFullError, ShuttingDownError
 from ..protocol import (
     STREAM_PATHS,
+    LineDecoder,
     chat_request_body,
     check_inputs,
+    encode_event,
     encode_json,
     error_code,
     error_message,
@@ -345,40 +347,17 @@ class _Connection:
     # -- reading --------------------------------------------------------------------------------
 
     async def _read_requests(self) -> None:
-        max_line = self.options.max_line
-        buf = bytearray()
-        skipping = False  # inside a line that is too long: drop bytes up to its newline
+        decoder = LineDecoder(max_line=self.options.max_line)
         while True:
             chunk = await self._receive()
-            if not chunk:
-                break
-            start = 0
-            while True:
-                nl = chunk.find(b"\n", start)
-                if nl < 0:
-                    if not skipping:
-                        if len(buf) + len(chunk) - start > max_line:
-                            skipping = True
-                            buf.clear()
-                            await self._too_long()
-                        else:
-                            buf += chunk[start:]
-                    break
-                if skipping:
-                    skipping = False
-                elif len(buf) + nl - start > max_line:
-                    buf.clear()
+            lines = decoder.feed(chunk) if chunk else decoder.end()  # the last line may lack its newline
+            for line in lines:
+                if line is None:
                     await self._too_long()
-                elif buf:
-                    buf += chunk[start:nl]
-                    line = bytes(buf)
-                    buf.clear()
-                    await self._dispatch(line)
                 else:
-                    await self._dispatch(chunk[start:nl])
-                start = nl + 1
-        if buf and not skipping:  # a last line without its newline
-            await self._dispatch(bytes(buf))
+                    await self._dispatch(line)
+            if not chunk:
+                return
 
     async def _receive(self) -> bytes:
         """The next bytes from the client; ``b""`` at its end (or on a reset)."""
@@ -612,7 +591,7 @@ class _Connection:
     async def _send(self, event: dict[str, Any]) -> None:
         """Write one event line, or drop the connection when that is impossible."""
         if not self.gone:
-            data = _encode(event)
+            data = encode_event(event)
             async with self.lock:
                 if not await self._write(data):
                     self._hang_up()
@@ -720,13 +699,6 @@ def _status(pool: _Pool) -> dict[str, Any]:
     if isinstance(draining, bool):
         out["draining"] = draining
     return out
-
-
-def _encode(event: Mapping[str, Any]) -> bytes:
-    try:
-        return (json.dumps(event, ensure_ascii=False) + "\n").encode()
-    except UnicodeEncodeError:  # a lone surrogate in a token: escape it rather than send invalid UTF-8
-        return (json.dumps(event) + "\n").encode()
 
 
 def _error_event(rid: RequestId, exc: BaseException) -> dict[str, Any]:
