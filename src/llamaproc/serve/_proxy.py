@@ -11,8 +11,8 @@ re-tokenizing, no per-token JSON decoding and encoding.
 
 The children are reached through :class:`Upstream`, a minimal HTTP/1.1
 client for exactly this traffic (POST a JSON body, read a ``Content-Length``
-or chunked answer, keep-alive pool): it costs about a tenth of the CPU time of
-a general-purpose client per request, which is most of the daemon's own
+or chunked answer, keep-alive pool): it costs under a third of the CPU time of
+httpx per request (``bench/upstream.py``), which is most of the daemon's own
 latency budget.
 
 The pool's admission (:meth:`ModelPool.acquire`) is held for the whole
