@@ -27,6 +27,7 @@ from bench_model import close_latency, generate_throughput, load_overhead
 from common import RESULTS_DIR, Result, Settings, workdir
 from daemon import notes as daemon_notes
 from daemon import run_benchmarks as daemon_benchmarks
+from upstream import upstream_client
 
 import llamaproc
 
@@ -50,6 +51,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Awaitable[list[Result]]]] = {
     "client_cpu_per_token": client_cpu_per_token,
     "concurrent_streams": concurrent_streams,
     "daemon": daemon,
+    "upstream_client": upstream_client,
 }
 
 

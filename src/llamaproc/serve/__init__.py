@@ -10,7 +10,7 @@ from ._metrics import CONTENT_TYPE, ServeMetrics
 from ._proxy import DEFAULT_MAX_BODY
 from ._security import HttpSecurity
 from ._socket import MAX_IN_FLIGHT, MAX_LINE, WRITE_TIMEOUT, ActiveRequests, serve_socket
-from ._upstream import Upstream, UpstreamError, UpstreamResponse
+from ._upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 __all__ = [
     "CONTENT_TYPE",
@@ -25,6 +25,7 @@ __all__ = [
     "Upstream",
     "UpstreamError",
     "UpstreamResponse",
+    "UpstreamTimeout",
     "cmd_serve",
     "create_app",
     "default_state_dir",
