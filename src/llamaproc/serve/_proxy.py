@@ -68,6 +68,11 @@ _log = logging.getLogger("llamaproc.serve")
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 #: Default seconds a write to a client may block before the client counts as gone.
 DEFAULT_WRITE_TIMEOUT = 30.0
+#: How often a request checks that its writes go out.
+_WRITE_CHECK = 1.0
+#: What remains of the write timeout once the daemon stops its models (less than the HTTP server's
+#: own shutdown deadline, so that it is the proxy that drops the client, without a traceback).
+_SHUTDOWN_WRITE_TIMEOUT = 1.0
 
 _API = "http"
 _SSE_HEADERS = [
@@ -221,16 +226,21 @@ class _Call:
         stalled = False
         with anyio.CancelScope() as scope:
             watcher = loop.create_task(_watch_disconnect(receive, scope))
-            period = self.state.write_timeout / 2
+            state = self.state
+            period = min(state.write_timeout / 2, _WRITE_CHECK)
             timer: asyncio.TimerHandle | None = None
 
             def check_writes() -> None:
                 nonlocal timer, stalled
                 since = self._sending_since
-                if since is not None and time.monotonic() - since >= self.state.write_timeout:
-                    stalled = True
-                    scope.cancel()
-                    return
+                if since is not None:
+                    # Once the daemon stops its models, a client that reads nothing gets little time
+                    # for the last event: the HTTP server's own shutdown deadline would cut it harder.
+                    limit = _SHUTDOWN_WRITE_TIMEOUT if state.pool.closed else state.write_timeout
+                    if time.monotonic() - since >= min(limit, state.write_timeout):
+                        stalled = True
+                        scope.cancel()
+                        return
                 timer = loop.call_later(period, check_writes)
 
             timer = loop.call_later(period, check_writes)
@@ -247,7 +257,7 @@ class _Call:
         if stalled:
             # The slot is free and the upstream stream closed: drop the connection of a client that
             # reads nothing, so that uvicorn does not wait on it either.
-            _log.warning("model %r: the client read nothing for %gs; dropped it", self.name, self.state.write_timeout)
+            _log.warning("model %r: the client read nothing of the answer in time; dropped it", self.name[:100])
             self.status = "499"
             await _drop_client(self._send)
 
