@@ -41,6 +41,7 @@ from ..protocol import (
     check_prompt,
     completion_body,
     encode_json,
+    native_completion,
     parse_metrics,
     status_error,
     timings_of,
@@ -505,17 +506,10 @@ class LlamaClient:
         """Native ``POST /completion``, not streamed."""
         body = {"prompt": check_prompt(prompt), **params, "stream": False, "return_tokens": True}
         obj = await self._json("POST", "/completion", body)
-        return Completion(
-            text=obj.get("content", ""),
-            finish_reason=obj.get("stop_type"),
-            usage=Usage(
-                prompt_tokens=obj.get("tokens_evaluated", 0),
-                completion_tokens=obj.get("tokens_predicted", 0),
-                total_tokens=obj.get("tokens_evaluated", 0) + obj.get("tokens_predicted", 0),
-            ),
-            timings=timings_of(obj),
-            token_ids=obj.get("tokens") or None,
-        )
+        try:
+            return native_completion(obj, obj.get("content", ""), obj.get("tokens") or None)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise _translate(exc) from exc
 
     def stream_chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> TokenStream:
         """OpenAI ``POST /v1/chat/completions`` with ``stream: true``."""

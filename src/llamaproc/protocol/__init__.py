@@ -28,6 +28,7 @@ from ._bodies import (
     check_stop,
     completion_body,
     completion_params,
+    decode_json_object,
     encode_json,
     generate_request_body,
     status_error,
@@ -41,7 +42,7 @@ from ._codes import (
     error_status,
     openai_error_body,
 )
-from ._events import STREAM_PATHS, EventParser, StreamKind, timings_of
+from ._events import STREAM_PATHS, EventParser, StreamKind, native_completion, timings_of
 from ._metrics import parse_metrics
 from ._ndjson import LineDecoder, encode_event
 from ._sse import MAX_EVENT_SIZE, SSEDecoder, sse_events
@@ -71,6 +72,7 @@ __all__ = [
     "check_stop",
     "completion_body",
     "completion_params",
+    "decode_json_object",
     "encode_event",
     "encode_json",
     "error_code",
@@ -78,6 +80,7 @@ __all__ = [
     "error_message",
     "error_status",
     "generate_request_body",
+    "native_completion",
     "openai_error_body",
     "parse_metrics",
     "sse_events",

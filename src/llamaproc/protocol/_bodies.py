@@ -31,6 +31,7 @@ __all__ = [
     "check_stop",
     "completion_body",
     "completion_params",
+    "decode_json_object",
     "encode_json",
     "generate_request_body",
     "status_error",
@@ -39,6 +40,26 @@ __all__ = [
 #: Defaults of the generation methods: greedy, up to 256 tokens.
 MAX_TOKENS = 256
 TEMPERATURE = 0.0
+
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """A request (an HTTP body, a socket line) as a JSON object; ``ValueError`` with a readable message if
+    it is not one.
+
+    UTF-8 only, with or without a byte order mark: what the daemon forwards to llama-server goes as it
+    came, and llama-server reads nothing else (``json.loads`` alone would take UTF-16 and UTF-32 too).
+    """
+    try:
+        value = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8: {exc}") from None
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
 
 def encode_json(body: Any) -> bytes:
     """A request body as JSON (as httpx would write it); what cannot be written is the caller's mistake."""

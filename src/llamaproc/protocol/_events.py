@@ -9,7 +9,7 @@ from typing import Any, Literal
 from ..errors import IncompleteStreamError, ServerError, StreamError
 from ..types import Completion, Timings, Token, Usage
 
-__all__ = ["STREAM_PATHS", "EventParser", "StreamKind", "timings_of"]
+__all__ = ["STREAM_PATHS", "EventParser", "StreamKind", "native_completion", "timings_of"]
 
 #: The three streamed generation endpoints of llama-server: native ``/completion``, OpenAI chat, OpenAI text.
 StreamKind = Literal["native", "chat", "text"]
@@ -21,6 +21,18 @@ STREAM_PATHS: dict[StreamKind, str] = {"native": "/completion", "chat": "/v1/cha
 def timings_of(obj: Mapping[str, Any]) -> Timings | None:
     t = obj.get("timings")
     return Timings.model_validate(t) if isinstance(t, dict) else None
+
+
+def native_completion(obj: Mapping[str, Any], text: str, token_ids: list[int] | None) -> Completion:
+    """The summary of a native ``/completion`` answer (its final chunk, or the whole answer unstreamed)."""
+    evaluated, predicted = obj.get("tokens_evaluated", 0), obj.get("tokens_predicted", 0)
+    return Completion(
+        text=text,
+        finish_reason=obj.get("stop_type"),
+        usage=Usage(prompt_tokens=evaluated, completion_tokens=predicted, total_tokens=evaluated + predicted),
+        timings=timings_of(obj),
+        token_ids=token_ids,
+    )
 
 
 class EventParser:
@@ -115,17 +127,7 @@ class EventParser:
             self.done = True
             if text:
                 self.texts.append(text)
-            self.result = Completion(
-                text="".join(self.texts),
-                finish_reason=obj.get("stop_type"),
-                usage=Usage(
-                    prompt_tokens=obj.get("tokens_evaluated", 0),
-                    completion_tokens=obj.get("tokens_predicted", 0),
-                    total_tokens=obj.get("tokens_evaluated", 0) + obj.get("tokens_predicted", 0),
-                ),
-                timings=timings_of(obj),
-                token_ids=self.ids or None,
-            )
+            self.result = native_completion(obj, "".join(self.texts), self.ids or None)
             return Token(text) if text else None
         token_id: int | None = None
         if ids:

@@ -46,6 +46,7 @@ from ..errors import InvalidArgumentError, LlamaprocError, QueueFullError
 from ..protocol import (
     ERROR_CODES,
     check_openai_request,
+    decode_json_object,
     error_code,
     error_message,
     error_status,
@@ -444,17 +445,9 @@ def _parse(path: str, raw: bytes) -> dict[str, Any]:
     if not raw:
         raise _BadRequest("invalid_json", "the request body is empty; expected a JSON object")
     try:
-        # UTF-8 only (with or without a BOM): the body goes to llama-server as it came, and it reads
-        # nothing else (json.loads alone would take UTF-16 and UTF-32 too).
-        body = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise _BadRequest("invalid_json", f"the request body is not UTF-8: {exc}") from None
+        body = decode_json_object(raw)
     except ValueError as exc:
-        raise _BadRequest("invalid_json", f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise _BadRequest("invalid_json", "the request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise _BadRequest("invalid_json", "the request body must be a JSON object")
+        raise _BadRequest("invalid_json", f"the request body must be a JSON object in UTF-8: {exc}") from None
     try:
         return check_openai_request(path, body)
     except InvalidArgumentError as exc:

@@ -87,6 +87,7 @@ from ..protocol import (
     LineDecoder,
     chat_request_body,
     check_inputs,
+    decode_json_object,
     encode_event,
     encode_json,
     error_code,
@@ -387,13 +388,9 @@ class _Connection:
 
     async def _handle(self, line: bytes) -> None:
         try:
-            req = json.loads(line)
+            req = decode_json_object(line)
         except ValueError as exc:
-            raise _BadRequest("invalid_json", f"malformed JSON: {exc}") from None
-        except RecursionError:
-            raise _BadRequest("invalid_json", "malformed JSON: nested too deeply") from None
-        if not isinstance(req, dict):
-            raise _BadRequest("invalid_json", "a request must be a JSON object")
+            raise _BadRequest("invalid_json", f"a request must be a JSON object in UTF-8: {exc}") from None
         rid = req.get("id")
         if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
             raise _BadRequest("bad_request", '"id" must be a string or an integer', "id")
