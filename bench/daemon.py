@@ -101,22 +101,33 @@ _TOKEN = b'"content":"'
 _EMPTY = b'"content":""'
 
 
-def _http_request(path: str, body: bytes, host: str, port: int) -> bytes:
+def _http_request(path: str, body: bytes, host: str, port: int, key: str) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Accept: text/event-stream\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Accept: text/event-stream\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("latin-1") + body
 
 
-async def http_stream(host: str, port: int, body: bytes, path: str = "/v1/chat/completions") -> Stream:
+def child_key(pid: int) -> str:
+    """The key a llama-server child of the daemon answers to (in its environment, readable by its user only).
+
+    The benchmark sends it in every request, to the daemon too (which ignores it: it has no keys of its
+    own here), so that every variant sends the same bytes.
+    """
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"LLAMA_API_KEY="))
+
+
+async def http_stream(host: str, port: int, body: bytes, key: str, path: str = "/v1/chat/completions") -> Stream:
     """POST ``body`` on a fresh connection and read the SSE answer to its end (the server closes).
 
     Counts as tokens the ``data:`` lines with a non-empty ``"content"``; the
     body is HTTP/1.1 chunked on both sides, and both servers write whole events
     per chunk, so the lines are whole.
     """
-    request = _http_request(path, body, host, port)
+    request = _http_request(path, body, host, port, key)
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -235,6 +246,7 @@ SLOT_CTX = 512  # the chat prompt (~40 tokens) + up to 256 generated tokens fit 
 class Child:
     pid: int
     port: int
+    key: str
 
 
 @dataclass
@@ -264,7 +276,8 @@ def daemon_running(workdir: Path) -> Iterator[Setup]:
             for name in MODELS:
                 http.post(f"/api/models/{name}/load").raise_for_status()
             for status in http.get("/api/models").json()["models"]:
-                children[status["name"]] = Child(int(status["pid"]), int(status["port"]))
+                pid = int(status["pid"])
+                children[status["name"]] = Child(pid, int(status["port"]), child_key(pid))
         servers = llama_servers_of(daemon.pid)
         host, port = daemon.http.removeprefix("http://").rsplit(":", 1)
         assert daemon.socket is not None
@@ -357,10 +370,10 @@ async def ttft(setup: Setup, quick: bool, profile: bool, context: dict[str, Any]
     meter = CpuMeter({"daemon": setup.daemon.pid, "llama-server": child.pid})
 
     async def direct() -> float:
-        return (await http_stream(setup.host, child.port, body)).first_token
+        return (await http_stream(setup.host, child.port, body, child.key)).first_token
 
     async def via_http() -> float:
-        return (await http_stream(setup.host, setup.port, body)).first_token
+        return (await http_stream(setup.host, setup.port, body, child.key)).first_token
 
     async def via_socket() -> float:
         return (await socket_stream(setup.socket, request)).first_token
@@ -368,7 +381,7 @@ async def ttft(setup: Setup, quick: bool, profile: bool, context: dict[str, Any]
     relay_port = free_port()
 
     async def via_relay() -> float:
-        return (await http_stream(setup.host, relay_port, body)).first_token
+        return (await http_stream(setup.host, relay_port, body, child.key)).first_token
 
     variants = {"direct": direct, "daemon_http": via_http, "daemon_socket": via_socket, "bare_relay": via_relay}
     with relay_running(relay_port, child.port):
@@ -438,7 +451,7 @@ async def concurrent(setup: Setup, name: str, quick: bool, profile: bool, contex
 
     async def run(port: int) -> float:
         t0 = time.perf_counter()
-        streams = await asyncio.gather(*(http_stream(setup.host, port, body) for _ in range(STREAMS)))
+        streams = await asyncio.gather(*(http_stream(setup.host, port, body, child.key) for _ in range(STREAMS)))
         elapsed = time.perf_counter() - t0
         tokens = sum(s.tokens for s in streams)
         if tokens != STREAMS * max_tokens:

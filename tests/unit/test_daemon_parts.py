@@ -54,9 +54,13 @@ class FakeResponse:
 
     def __init__(self, chunks: list[bytes]) -> None:
         self._chunks: Iterator[bytes] = iter(chunks)
+        self.closed = False
 
     async def next_chunk(self) -> bytes | None:
         return next(self._chunks, None)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 async def relay(chunks: list[bytes], pool: FakePool | None = None) -> tuple[bytes, _Call]:

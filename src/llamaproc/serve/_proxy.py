@@ -337,6 +337,8 @@ class _Call:
             self.tokens = counted
             await self._fail(await reader.fail(exc))
             return
+        finally:
+            reader.close()
         await self._write(b"", more=False)
 
     async def _fail(self, exc: LlamaprocError) -> None:

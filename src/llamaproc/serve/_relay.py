@@ -13,6 +13,8 @@ its failure means (:meth:`StreamReader.fail`) does not.
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 
 from ..errors import IncompleteStreamError, LlamaprocError, StalledError, TransportError
@@ -68,10 +70,28 @@ class StreamReader:
     ends without its final event raises :class:`IncompleteStreamError`; an
     error event :class:`~llamaproc.StreamError`; an answer that stops coming
     for ``stall_timeout`` seconds while the endpoint uses no CPU
-    :class:`StalledError` (``None``: wait for ever).
+    :class:`StalledError` (``None``: wait for ever). :meth:`close` when done.
+
+    The stall is watched by a timer every half ``stall_timeout``, not by a
+    deadline around each read: that would cost more than the rest of a
+    token's relay. Two halves in a row with nothing received and no CPU time
+    used by the endpoint make a stall (an endpoint that reports no CPU time,
+    a remote one, is judged by the silence alone).
     """
 
-    __slots__ = ("_cpu", "_silent", "decoder", "endpoint", "parser", "response", "stall_timeout")
+    __slots__ = (
+        "_chunks",
+        "_cpu",
+        "_seen",
+        "_silent",
+        "_stalled",
+        "_timer",
+        "decoder",
+        "endpoint",
+        "parser",
+        "response",
+        "stall_timeout",
+    )
 
     def __init__(
         self, response: UpstreamResponse, kind: StreamKind, *, endpoint: Endpoint, stall_timeout: float | None
@@ -81,8 +101,14 @@ class StreamReader:
         self.stall_timeout = stall_timeout
         self.parser = EventParser(kind)
         self.decoder = SSEDecoder()
-        self._cpu: float | None = None
+        self._chunks = 0  # pieces received so far
+        self._seen = 0  # ... as the watchdog last saw them
         self._silent = False
+        self._cpu: float | None = None
+        self._stalled: StalledError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        if stall_timeout is not None:
+            self._timer = asyncio.get_running_loop().call_later(stall_timeout / 2, self._watch)
 
     async def next_events(self) -> list[Event] | None:
         parser = self.parser
@@ -106,35 +132,43 @@ class StreamReader:
         """The usage and timings of a stream that ended normally."""
         return self.parser.summary()
 
+    def close(self) -> None:
+        """Stop watching and close the answer (which, unfinished, makes llama-server free the slot)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.response.close()
+
     async def _next_chunk(self) -> bytes | None:
         try:
-            if self.stall_timeout is None:
-                return await self.response.next_chunk()
-            # Silence is watched in two halves: the endpoint's CPU time is read after the first
-            # (only then: reading it costs more than a token) and compared after the second.
-            self._cpu = None
-            self._silent = False
-            while True:
-                with anyio.move_on_after(self.stall_timeout / 2):
-                    return await self.response.next_chunk()
-                self._check_progress()
+            chunk = await self.response.next_chunk()
         except UpstreamError as exc:
+            if self._stalled is not None:
+                raise self._stalled from exc
             raise IncompleteStreamError(f"the connection closed before the end of the stream ({exc})") from exc
+        self._chunks += 1
+        return chunk
 
-    def _check_progress(self) -> None:
-        """Nothing came for half the stall timeout: go on waiting while the endpoint works, else raise.
-
-        An endpoint that reports no CPU time (a remote one) is judged by the silence alone.
-        """
+    def _watch(self) -> None:
+        """Every half stall timeout: was anything received since the last look, or did the endpoint work?"""
         assert self.stall_timeout is not None
-        cpu = self.endpoint.progress()
-        before, self._cpu = self._cpu, cpu
-        if before is None and not self._silent:
-            self._silent = True  # the first half: wait the second
-            return
-        if cpu is not None and before is not None and cpu - before >= STALL_CPU_FRACTION * self.stall_timeout / 2:
-            return  # a long prompt (or another request) keeps it busy: not a hang
-        raise StalledError(f"llama-server sent nothing for {self.stall_timeout:g} s and used no CPU time: it hangs")
+        half = self.stall_timeout / 2
+        if self._chunks != self._seen:  # data came: the silence starts again
+            self._seen = self._chunks
+            self._silent = False
+        else:
+            cpu = self.endpoint.progress()
+            before, self._cpu = self._cpu, cpu
+            working = cpu is not None and before is not None and cpu - before >= STALL_CPU_FRACTION * half
+            if self._silent and not working:
+                self._timer = None
+                self._stalled = StalledError(
+                    f"llama-server sent nothing for {self.stall_timeout:g} s and used no CPU time: it hangs"
+                )
+                self.response.abort(UpstreamError("stalled"))
+                return
+            self._silent = True
+        self._timer = asyncio.get_running_loop().call_later(half, self._watch)
 
     async def _read_to_end(self) -> None:
         """After the final event, read the end of the body, for a short while at most; an error event

@@ -543,7 +543,7 @@ class _Connection:
                 raise
             raise error from exc
         finally:
-            response.close()
+            reader.close()
 
     async def _token(self, request: _Request, token: Token) -> None:
         if request.tokens == 0 and self.metrics is not None:

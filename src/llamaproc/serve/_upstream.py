@@ -377,6 +377,14 @@ class UpstreamResponse:
                 self.close()
                 raise UpstreamTimeout(f"nothing received from {conn.label} for {self._read_timeout:g} s")
 
+    def abort(self, error: UpstreamError) -> None:
+        """Fail the answer now, from outside (a watchdog's timer): a pending or later :meth:`next_chunk`
+        raises ``error``, and the connection is closed."""
+        conn = self._conn
+        if conn is not None and not self._done:
+            conn._fail(error)
+            conn._wake()
+
     async def read(self) -> bytes:
         """The whole (rest of the) body; :class:`UpstreamError` if it is longer than the client's ``max_body``."""
         limit = self._max_body
