@@ -48,7 +48,8 @@ def virtual_clock() -> pytest.MarkDecorator:
 class FakeModel:
     """Stands in for a TextModel: never exits on its own (its pid is this process).
 
-    ``close()`` takes ``close_delay`` seconds, or waits for ``close_gate`` to be set.
+    ``close()`` takes ``close_delay`` seconds, or waits for ``close_gate`` to be set;
+    ``closing`` is true from its start.
     """
 
     def __init__(self, path: Path, close_delay: float = 0.0, close_gate: anyio.Event | None = None) -> None:
@@ -56,12 +57,14 @@ class FakeModel:
         self.pid = os.getpid()
         self.base_url = "http://127.0.0.1:9"
         self.returncode: int | None = None
+        self.closing = False
         self.closed = False
         self.output = ""
         self.close_delay = close_delay
         self.close_gate = close_gate
 
     async def close(self) -> None:
+        self.closing = True
         if not self.closed:
             with anyio.CancelScope(shield=True):
                 if self.close_delay:
@@ -369,12 +372,15 @@ async def test_a_model_being_unloaded_is_not_reported_serving() -> None:
         await pool.load("a")
         assert status(pool, "a").phase == Phase.SERVING
         tg.start_soon(pool.unload, "a")
-        await wait_until(lambda: not status(pool, "a").loaded)
-        st = status(pool, "a")
-        assert not loader.models[0].closed  # still stopping: its close() waits for `stopping`
-        assert st.phase == Phase.PENDING
-        assert {c.type: c for c in st.conditions}["Ready"].reason == "Unloading"
-        stopping.set()
+        try:
+            await wait_until(lambda: loader.models[0].closing)
+            st = status(pool, "a")
+            assert not loader.models[0].closed  # still stopping: its close() waits for `stopping`
+            assert not st.loaded
+            assert st.phase == Phase.PENDING
+            assert {c.type: c for c in st.conditions}["Ready"].reason == "Unloading"
+        finally:
+            stopping.set()
         await wait_until(lambda: loader.models[0].closed)
         await wait_until(lambda: {c.type: c for c in status(pool, "a").conditions}["Ready"].reason == "Unloaded")
 
