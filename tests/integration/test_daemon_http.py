@@ -561,7 +561,7 @@ async def test_queue_full_gets_429_and_nothing_is_lost(narrow: Daemon) -> None:
             tg.start_soon(run, 1, first)
             await first.wait()  # 1 holds the slot
             tg.start_soon(run, 2)
-            with anyio.fail_after(10):
+            with anyio.fail_after(30):
                 while await queued() != 1:  # 2 waits in the queue
                     await anyio.sleep(0.02)
             await run(3)  # no room left: refused at once
