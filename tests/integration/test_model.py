@@ -74,7 +74,7 @@ def _without_waiting(coro: Coroutine[Any, Any, Any]) -> Any:
     except StopIteration as done:
         return done.value
     coro.close()
-    raise AssertionError(f"{coro.__qualname__}() waited for something")
+    raise AssertionError(f"{coro!r} waited for something")
 
 
 # -- generate / chat / embed -------------------------------------------------------------------
@@ -491,7 +491,7 @@ async def test_sequential_requests_do_not_leak_fds(tiny_model: Path) -> None:
             assert len(tokens) == 2
 
         def settled() -> bool:
-            return me.num_fds() <= ours + 2 and child.num_fds() <= theirs + 2
+            return bool(me.num_fds() <= ours + 2 and child.num_fds() <= theirs + 2)
 
         with anyio.move_on_after(10):  # let the server finish closing the last connection
             while not settled():

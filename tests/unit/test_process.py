@@ -68,7 +68,7 @@ def without_waiting(coro: Coroutine[Any, Any, T]) -> T:
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
     coro.close()
-    raise AssertionError(f"{coro.__qualname__}() waited for something")
+    raise AssertionError(f"{coro!r} waited for something")
 
 
 def record_signals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
