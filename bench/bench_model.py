@@ -120,8 +120,23 @@ async def load_overhead(s: Settings) -> list[Result]:
     ]
 
 
+async def _deferred(http: httpx.AsyncClient) -> float:
+    """llama-server's count of requests waiting for a slot (``/metrics``)."""
+    text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("llamacpp:requests_deferred "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def _processing(http: httpx.AsyncClient) -> bool:
+    """Whether a slot of llama-server is busy (``/slots``)."""
+    return any(slot["is_processing"] for slot in (await http.get("/slots")).json())
+
+
 async def close_latency(s: Settings) -> list[Result]:
-    """close() with a stream being read, and on an idle model; bare equivalents for context."""
+    """close() with a stream being read (alone, or with a second request queued behind it), during a
+    non-streamed call, and on an idle model; bare equivalents for context."""
     model_path = tiny_model(s.workdir)
     backend = llamaproc.find_backend()
     env = server_env(backend.env)
@@ -176,6 +191,114 @@ async def close_latency(s: Settings) -> list[Result]:
         finally:
             bare.kill()
 
+    async def queued_subject() -> float:
+        """One slot: a stream holds it, a second stream waits in llama-server's queue."""
+        model = await llamaproc.load_model(model_path)
+        reading = anyio.Event()
+        dt = float("nan")
+
+        async def consume(signal_reading: bool) -> None:
+            try:
+                async with model.generate(PROMPT, max_tokens=1500) as stream:
+                    async for _ in stream:
+                        if signal_reading:
+                            reading.set()
+            except llamaproc.LlamaprocError:
+                pass
+            finally:
+                reading.set()
+
+        try:
+            async with anyio.create_task_group() as tg, httpx.AsyncClient(
+                base_url=model.base_url, timeout=60.0, trust_env=False
+            ) as monitor:
+                tg.start_soon(consume, True)
+                await reading.wait()
+                tg.start_soon(consume, False)
+                while await _deferred(monitor) < 1:
+                    await anyio.sleep(0.005)
+                t0 = time.perf_counter()
+                await model.close()
+                dt = time.perf_counter() - t0
+        finally:
+            await model.close()
+        return dt * 1000
+
+    async def queued_baseline() -> float:
+        bare = BareServer(backend.binary, model_path, env)
+        try:
+            bare.start()
+            async with (
+                httpx.AsyncClient(base_url=bare.url, timeout=60.0, trust_env=False) as http,
+                httpx.AsyncClient(base_url=bare.url, timeout=60.0, trust_env=False) as monitor,
+            ):
+                reading = anyio.Event()
+
+                async def consume() -> None:
+                    async with http.stream("POST", "/completion", json=body) as response:
+                        async for _ in response.aiter_lines():
+                            reading.set()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consume)
+                    await reading.wait()
+                    tg.start_soon(consume)  # queued: no answer until the slot is free
+                    while await _deferred(monitor) < 1:
+                        await anyio.sleep(0.005)
+                    t0 = time.perf_counter()
+                    tg.cancel_scope.cancel()  # closes both connections
+                dt = bare.terminate()
+                return (time.perf_counter() - t0 if dt != float("inf") else dt) * 1000
+        finally:
+            bare.kill()
+
+    async def call_subject() -> float:
+        model = await llamaproc.load_model(model_path)
+        dt = float("nan")
+
+        async def call() -> None:
+            try:
+                await model.complete(PROMPT, max_tokens=1500)
+            except llamaproc.LlamaprocError:
+                pass
+
+        try:
+            async with anyio.create_task_group() as tg, httpx.AsyncClient(
+                base_url=model.base_url, timeout=60.0, trust_env=False
+            ) as monitor:
+                tg.start_soon(call)
+                while not await _processing(monitor):
+                    await anyio.sleep(0.005)
+                t0 = time.perf_counter()
+                await model.close()
+                dt = time.perf_counter() - t0
+        finally:
+            await model.close()
+        return dt * 1000
+
+    async def call_baseline() -> float:
+        bare = BareServer(backend.binary, model_path, env)
+        try:
+            bare.start()
+            async with (
+                httpx.AsyncClient(base_url=bare.url, timeout=60.0, trust_env=False) as http,
+                httpx.AsyncClient(base_url=bare.url, timeout=60.0, trust_env=False) as monitor,
+            ):
+                async with anyio.create_task_group() as tg:
+
+                    async def call() -> None:
+                        await http.post("/completion", json={**body, "stream": False})
+
+                    tg.start_soon(call)
+                    while not await _processing(monitor):
+                        await anyio.sleep(0.005)
+                    t0 = time.perf_counter()
+                    tg.cancel_scope.cancel()  # closes the call's connection
+                dt = bare.terminate()
+                return (time.perf_counter() - t0 if dt != float("inf") else dt) * 1000
+        finally:
+            bare.kill()
+
     async def idle_subject() -> float:
         model = await llamaproc.load_model(model_path)
         try:
@@ -200,11 +323,14 @@ async def close_latency(s: Settings) -> list[Result]:
     runs = await interleave(
         {
             "live_llamaproc": live_subject, "live_bare": live_baseline,
+            "queued_llamaproc": queued_subject, "queued_bare": queued_baseline,
+            "call_llamaproc": call_subject, "call_bare": call_baseline,
             "idle_llamaproc": idle_subject, "idle_bare": idle_baseline,
         },
         rounds,
     )
     live, idle = median(runs["live_llamaproc"]), median(runs["idle_llamaproc"])
+    queued, call = median(runs["queued_llamaproc"]), median(runs["call_llamaproc"])
     return [
         Result(
             metric="close_latency.live_stream", unit="ms",
@@ -214,6 +340,24 @@ async def close_latency(s: Settings) -> list[Result]:
             baseline_label="response.aclose() + SIGTERM + wait",
             samples={k: v for k, v in runs.items() if k.startswith("live")},
             note="latency bound from the spec; the baseline is the bare equivalent, for context",
+        ),
+        Result(
+            metric="close_latency.queued", unit="ms",
+            subject=queued, baseline=median(runs["queued_bare"]),
+            compare="abs", value=queued, op="<=", target=500.0,
+            subject_label="model.close() while a stream is read and a second request is queued",
+            baseline_label="both connections closed + SIGTERM + wait",
+            samples={k: v for k, v in runs.items() if k.startswith("queued")},
+            note="llama-server notices a closed queued connection about once a second: the second SIGTERM",
+        ),
+        Result(
+            metric="close_latency.non_streamed", unit="ms",
+            subject=call, baseline=median(runs["call_bare"]),
+            compare="abs", value=call, op="<=", target=500.0,
+            subject_label="model.close() during a non-streamed complete()",
+            baseline_label="connection closed + SIGTERM + wait",
+            samples={k: v for k, v in runs.items() if k.startswith("call")},
+            note="llama-server notices a dropped non-streamed request about once a second",
         ),
         Result(
             metric="close_latency.idle", unit="ms",

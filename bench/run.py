@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import psutil
 from bench_client import client_cpu_per_token, concurrent_streams
+from bench_gguf import gguf_metadata
 from bench_model import close_latency, generate_throughput, load_overhead
 from common import RESULTS_DIR, Result, Settings, workdir
 from daemon import notes as daemon_notes
@@ -50,6 +51,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Awaitable[list[Result]]]] = {
     "close_latency": close_latency,
     "client_cpu_per_token": client_cpu_per_token,
     "concurrent_streams": concurrent_streams,
+    "gguf_metadata": gguf_metadata,
     "daemon": daemon,
     "upstream_client": upstream_client,
 }

@@ -48,7 +48,7 @@ def _stop_and_check(daemon: Daemon) -> None:
 
 
 def _assert_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a wait for the exits, not a bound
     alive = list(pids)
     while alive and time.monotonic() < deadline:
         alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
@@ -67,7 +67,8 @@ def daemon(
         tmp / "serve.toml",
         {
             "tiny": {"path": tiny_model, "parallel": 2, "ctx_size": 4096},
-            "narrow": {"path": tiny_model, "parallel": 1, "ctx_size": 8192},
+            # With --context-shift a stream asked for more tokens than its context holds never ends by itself.
+            "narrow": {"path": tiny_model, "parallel": 1, "ctx_size": 8192, "args": ["--context-shift"]},
             "emb": {"path": tiny_embedding_model, "embeddings": True},
         },
         max_loaded_models=3,
@@ -318,14 +319,13 @@ def test_disconnect_frees_the_slot_and_leaves_the_queue(daemon: Daemon) -> None:
     conn.close()
     _wait_for(
         lambda: (m := _status(daemon)["narrow"])["queued"] == 0 and m["in_flight"] == 0,
-        timeout=10,
         what="the client's requests to go",
     )
-    started = time.monotonic()
+    # The gone client's stream would never end by itself (--context-shift): a token for this request
+    # means its slot in llama-server was freed. (The client's timeout is a safety net.)
     with DaemonClient(daemon.socket, timeout=30) as client:
         events = client.stream("generate", model="narrow", prompt="y", max_tokens=2)
         assert next(events)["event"] == "token"
-        assert time.monotonic() - started < 2  # the slot was free, not held by the gone client
         list(events)
 
 
@@ -460,7 +460,7 @@ def test_sigterm_during_a_socket_stream(tmp_path: Path, tiny_model: Path, backen
             assert conn.event()["event"] == "token"
             servers = llama_servers_of(daemon.pid)
             os.kill(daemon.pid, signal.SIGTERM)
-            time.sleep(0.2)
+            _wait_for(lambda: httpx.get(daemon.http + "/health", timeout=10).status_code == 503, what="draining")
             conn.send({"id": "late", "op": "generate", "model": "tiny", "prompt": "x", "max_tokens": 2})
             tokens = 1
             finals: dict[str, dict[str, Any]] = {}

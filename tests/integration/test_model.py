@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
-import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,29 @@ def _gone(pid: int) -> bool:
         return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
+
+
+def _exited_on_sigterm(model: llamaproc.TextModel) -> bool:
+    """The child went on close()'s SIGTERMs, not on the SIGKILL at the end of the grace.
+
+    llama-server exits with 0 after the first SIGTERM once nothing is in flight, and with 1 at once on
+    a second one; SIGKILL would make it -9.
+    """
+    return model.returncode in (0, 1)
+
+
+def _without_waiting(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` to its end in one step: what "at once, without touching the network" means.
+
+    A coroutine that waits for anything (a connection, an answer) suspends instead; that fails here.
+    Exceptions of ``coro`` propagate.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise AssertionError(f"{coro!r} waited for something")
 
 
 # -- generate / chat / embed -------------------------------------------------------------------
@@ -207,15 +230,14 @@ async def test_break_frees_the_slot(tiny_model: Path, anyio_backend: str) -> Non
                     break
         assert got == 3
 
-        # With one slot, a second request only starts when the first one was dropped.
-        start = time.monotonic()
-        async with model.generate(PROMPT, max_tokens=4) as second:
-            first = await second.__anext__()
-        elapsed = time.monotonic() - start
+        # With one slot, a second request only starts when the first one was dropped: left running,
+        # the first one would go on for ever (--context-shift). The timeout is a safety net.
+        with anyio.fail_after(30):
+            async with model.generate(PROMPT, max_tokens=4) as second:
+                first = await second.__anext__()
         assert first.text
-        assert elapsed < 1.0, f"first token of the next request after {elapsed:.3f} s"
 
-        with anyio.fail_after(2):
+        with anyio.fail_after(30):
             while any(slot["is_processing"] for slot in await model.slots()):
                 await anyio.sleep(0.02)
 
@@ -223,13 +245,26 @@ async def test_break_frees_the_slot(tiny_model: Path, anyio_backend: str) -> Non
 async def test_cancelling_the_reader_frees_the_slot(tiny_model: Path) -> None:
     async with await llamaproc.load_model(tiny_model, parallel=1, args=ENDLESS) as model:
         got = 0
-        with anyio.move_on_after(0.3) as scope:
-            async with model.generate(PROMPT, max_tokens=LONG) as stream:
-                async for _ in stream:
-                    got += 1
-        assert scope.cancelled_caught and got > 3
+        three = anyio.Event()
+        cancel = anyio.CancelScope()
 
-        with anyio.fail_after(2):
+        async def read() -> None:
+            nonlocal got
+            with cancel:
+                async with model.generate(PROMPT, max_tokens=LONG) as stream:
+                    async for _ in stream:
+                        got += 1
+                        if got == 3:
+                            three.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            with anyio.fail_after(30):
+                await three.wait()
+            cancel.cancel()  # from another task, while the reader waits for its next token
+        assert cancel.cancelled_caught and got >= 3
+
+        with anyio.fail_after(30):  # the endless stream's slot is free again
             while any(slot["is_processing"] for slot in await model.slots()):
                 await anyio.sleep(0.02)
         assert (await model.complete(PROMPT, max_tokens=4)).usage.completion_tokens == 4
@@ -237,7 +272,8 @@ async def test_cancelling_the_reader_frees_the_slot(tiny_model: Path) -> None:
 
 @BOTH_BACKENDS
 @TRIO_ASYNCGEN_WARNING
-async def test_close_with_a_live_stream(tiny_model: Path, record_property: Any, anyio_backend: str) -> None:
+async def test_close_with_a_live_stream(tiny_model: Path, anyio_backend: str) -> None:
+    """close() ends the stream with ClosedError and stops the child. (How fast: bench/, ``close_latency``.)"""
     model = await llamaproc.load_model(tiny_model, args=ENDLESS, grace=5)
     pid = model.pid
     seen: list[Token] = []
@@ -256,18 +292,13 @@ async def test_close_with_a_live_stream(tiny_model: Path, record_property: Any, 
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(read)
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             await three.wait()
-        start = time.monotonic()
         await model.close()
-        elapsed = time.monotonic() - start
 
-    record_property("close_seconds", elapsed)
-    print(f"close() with a live stream took {elapsed * 1000:.1f} ms ({anyio_backend})")
-    assert elapsed < 1.0, f"close() took {elapsed:.3f} s"
     assert len(caught) == 1 and isinstance(caught[0], llamaproc.ClosedError), caught
     assert model.closed
-    assert model.returncode is not None
+    assert _exited_on_sigterm(model), model.returncode
     assert not psutil.pid_exists(pid) or _gone(pid)
     with pytest.raises(llamaproc.ClosedError):
         model.generate(PROMPT)
@@ -276,11 +307,12 @@ async def test_close_with_a_live_stream(tiny_model: Path, record_property: Any, 
     await model.close()  # idempotent
 
 
-async def test_close_with_a_live_stream_and_a_queued_request(tiny_model: Path, record_property: Any) -> None:
+async def test_close_with_a_live_stream_and_a_queued_request(tiny_model: Path) -> None:
     """One slot: a stream holds it, a second request waits in llama-server's queue.
 
     llama-server notices the closed queued connection only on its once-a-second
     check and, after one SIGTERM, waits for it; the second SIGTERM makes it exit.
+    (How much sooner: bench/, ``close_latency.queued``.)
     """
     model = await llamaproc.load_model(tiny_model, parallel=1, args=ENDLESS, grace=5)
     caught: list[BaseException] = []
@@ -296,21 +328,16 @@ async def test_close_with_a_live_stream_and_a_queued_request(tiny_model: Path, r
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(read)
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             await first.wait()
         tg.start_soon(read)  # queued: no answer until the slot is free
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             while (await model.server_metrics()).get("llamacpp:requests_deferred", 0) < 1:
                 await anyio.sleep(0.01)
-        start = time.monotonic()
         await model.close()
-        elapsed = time.monotonic() - start
 
-    record_property("close_seconds_queued", elapsed)
-    print(f"close() with a live stream and a queued request took {elapsed * 1000:.1f} ms")
-    assert elapsed < 0.5, f"close() took {elapsed:.3f} s"
     assert len(caught) == 2 and all(isinstance(e, llamaproc.ClosedError) for e in caught), caught
-    assert model.returncode is not None
+    assert _exited_on_sigterm(model), model.returncode
 
 
 @BOTH_BACKENDS
@@ -319,26 +346,22 @@ async def test_aclose_from_another_task(tiny_model: Path, anyio_backend: str) ->
         stream = model.generate(PROMPT, max_tokens=LONG)
         caught: list[BaseException] = []
         reading = anyio.Event()
-        noticed = 0.0
 
         async def read() -> None:
-            nonlocal noticed
             try:
                 async for _ in stream:
                     reading.set()
             except llamaproc.LlamaprocError as exc:
-                noticed = time.monotonic()
                 caught.append(exc)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read)
-            with anyio.fail_after(5):
+        # The stream is endless: the reader ends only because of aclose(). The timeout is a safety net.
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
                 await reading.wait()
-            start = time.monotonic()
-            await stream.aclose()
+                await stream.aclose()
 
         assert [type(e) for e in caught] == [llamaproc.ClosedError], caught
-        assert noticed - start < 0.2, f"the reader noticed after {noticed - start:.3f} s"
         assert stream.error is caught[0]
         assert model.last_error is None  # nothing went wrong with the server
         # The slot is free and the model serves on.
@@ -354,16 +377,16 @@ async def test_break_without_async_with_frees_the_slot(tiny_model: Path, anyio_b
         async for _ in model.generate(PROMPT, max_tokens=LONG):
             break
 
-        start = time.monotonic()
-        with anyio.fail_after(5):
+        # One slot, and the dropped stream was endless: the next request gets the slot only if the
+        # stream was closed. The timeout is a safety net.
+        with anyio.fail_after(30):
             first = await model.complete(PROMPT, max_tokens=1)
-        elapsed = time.monotonic() - start
         assert first.usage.completion_tokens == 1
-        assert elapsed < 1.0, f"the next request started after {elapsed:.3f} s"
         assert len(model._client._streams) == 0
 
 
-async def test_close_during_a_non_streamed_call(tiny_model: Path, record_property: Any) -> None:
+async def test_close_during_a_non_streamed_call(tiny_model: Path) -> None:
+    """(How fast close() is here: bench/, ``close_latency.non_streamed``.)"""
     model = await llamaproc.load_model(tiny_model, args=ENDLESS)
     caught: list[BaseException] = []
 
@@ -375,36 +398,28 @@ async def test_close_during_a_non_streamed_call(tiny_model: Path, record_propert
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(call)
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             while not any(slot["is_processing"] for slot in await model.slots()):
                 await anyio.sleep(0.01)
-        start = time.monotonic()
         await model.close()
-        elapsed = time.monotonic() - start
 
-    record_property("close_seconds_non_streamed", elapsed)
-    print(f"close() during a non-streamed call took {elapsed * 1000:.1f} ms")
-    # llama-server notices a dropped non-streamed request only on its once-a-second check.
-    assert elapsed < 2.0, f"close() took {elapsed:.3f} s"
     assert len(caught) == 1 and isinstance(caught[0], llamaproc.ClosedError), caught
     assert model.last_error is caught[0]
-    assert model.returncode is not None
+    assert _exited_on_sigterm(model), model.returncode
 
 
 async def test_error_answers_are_raised_at_once(tiny_model: Path) -> None:
+    """(That they do not wait for a crash, as a cut connection does: tests/unit/test_model_args.py.)"""
     async with await llamaproc.load_model(tiny_model) as model:  # no embeddings=True
-        start = time.monotonic()
         with pytest.raises(llamaproc.StatusError) as info:
             await model.embed(["hello"])
-        assert time.monotonic() - start < 0.3
         assert info.value.status_code == 501
         assert "embeddings" in info.value.message
         assert model.last_error is info.value
+        assert model.returncode is None
 
-        start = time.monotonic()
         with pytest.raises(llamaproc.StatusError) as bad:
             await _collect(model.generate(PROMPT, max_tokens=2, n_probs="not a number"))
-        assert time.monotonic() - start < 0.3
         assert bad.value.status_code == 400
         assert model.last_error is bad.value
 
@@ -412,20 +427,16 @@ async def test_error_answers_are_raised_at_once(tiny_model: Path) -> None:
         assert (await model.complete(PROMPT, max_tokens=2)).usage.completion_tokens == 2
 
 
-async def test_crash_mid_stream_raises(tiny_model: Path, record_property: Any) -> None:
+async def test_crash_mid_stream_raises(tiny_model: Path) -> None:
     async with await llamaproc.load_model(tiny_model, args=ENDLESS) as model:
         got = 0
-        killed_at = 0.0
-        with pytest.raises(llamaproc.ServerCrashedError) as info:
+        # The stream is endless: it ends only because of the crash. The timeout is a safety net.
+        with anyio.fail_after(30), pytest.raises(llamaproc.ServerCrashedError) as info:
             async with model.generate(PROMPT, max_tokens=LONG) as stream:
                 async for _ in stream:
                     got += 1
                     if got == 3:
                         os.kill(model.pid, signal.SIGKILL)
-                        killed_at = time.monotonic()
-        elapsed = time.monotonic() - killed_at
-        record_property("crash_seconds", elapsed)
-        print(f"SIGKILL to ServerCrashedError: {elapsed * 1000:.1f} ms")
 
         err = info.value
         assert err.returncode == -9
@@ -433,20 +444,17 @@ async def test_crash_mid_stream_raises(tiny_model: Path, record_property: Any) -
         # The cause is the stream's own error, which has the connection's error as its cause.
         assert isinstance(err.__cause__, (llamaproc.IncompleteStreamError, llamaproc.TransportError))
         assert err.__cause__.__cause__ is not None
-        assert elapsed < 2.0
         assert model.returncode == -9
         assert model.last_error is err
         assert stream.error is err
 
-        # Every later call fails at once, without touching the network.
-        start = time.monotonic()
+        # Every later call fails at once, without touching the network: without waiting for anything.
         with pytest.raises(llamaproc.ServerCrashedError):
-            await model.complete(PROMPT, max_tokens=2)
+            _without_waiting(model.complete(PROMPT, max_tokens=2))
         with pytest.raises(llamaproc.ServerCrashedError):
             model.generate(PROMPT)
         with pytest.raises(llamaproc.ServerCrashedError):
-            await model.slots()
-        assert time.monotonic() - start < 0.1
+            _without_waiting(model.slots())
     assert model.closed
 
 
@@ -462,7 +470,7 @@ async def test_crash_during_a_non_streamed_call(tiny_model: Path) -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 while not any(slot["is_processing"] for slot in await model.slots()):
                     await anyio.sleep(0.01)
             os.kill(model.pid, signal.SIGKILL)
@@ -476,7 +484,7 @@ async def test_crash_between_requests_raises(tiny_model: Path) -> None:
     async with await llamaproc.load_model(tiny_model) as model:
         await model.complete(PROMPT, max_tokens=2)
         os.kill(model.pid, signal.SIGKILL)
-        with anyio.fail_after(2):
+        with anyio.fail_after(30):
             while model.returncode is None:
                 await anyio.sleep(0.01)
         with pytest.raises(llamaproc.ServerCrashedError) as info:
@@ -500,7 +508,12 @@ async def test_sequential_requests_do_not_leak_fds(tiny_model: Path) -> None:
             tokens = await _collect(model.generate(PROMPT, max_tokens=2))
             assert len(tokens) == 2
 
-        await anyio.sleep(0.05)  # let the server finish closing the last connection
+        def settled() -> bool:
+            return bool(me.num_fds() <= ours + 2 and child.num_fds() <= theirs + 2)
+
+        with anyio.move_on_after(10):  # let the server finish closing the last connection
+            while not settled():
+                await anyio.sleep(0.01)
         assert me.num_fds() <= ours + 2, (ours, me.num_fds())
         assert child.num_fds() <= theirs + 2, (theirs, child.num_fds())
 

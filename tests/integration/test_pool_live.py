@@ -6,7 +6,6 @@ import os
 import random
 import shutil
 import signal
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +44,8 @@ def status(pool: ModelPool, name: str) -> ModelStatus:
     return next(s for s in pool.status() if s.name == name)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait for a condition (the timeout is only a safety net against a hang)."""
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.01)
@@ -148,11 +148,10 @@ async def test_queue_full_is_refused_while_admitted_requests_complete(two_models
                 tg.start_soon(request)
             await wait_until(lambda: status(pool, "a").queued == 2)
             assert status(pool, "a").in_flight == 1
-            start = time.monotonic()
-            with pytest.raises(QueueFullError) as info:
+            # Nothing is released until the refusal: a request that waited for a place would hang.
+            with anyio.fail_after(30), pytest.raises(QueueFullError) as info:
                 async with pool.acquire("a"):
                     pass
-            assert time.monotonic() - start < 0.1
             assert info.value.retry_after >= 1
             release.set()
         assert results == [expected] * 3
@@ -169,16 +168,16 @@ async def test_a_killed_child_is_restarted_with_backoff(two_models: tuple[Path, 
         assert first.phase == Phase.SERVING and first.pid
         assert first.pid is not None
         os.kill(first.pid, signal.SIGKILL)
-        await wait_until(lambda: status(pool, "a").restarts == 1, timeout=2)
+        # The restart is counted when the backoff begins; this poll wakes before the backoff's end.
+        await wait_until(lambda: status(pool, "a").restarts == 1)
         during = status(pool, "a")
         assert during.phase == Phase.LOADING and during.pid is None
         assert {c.type: c for c in during.conditions}["Ready"].reason == "BackOff"
-        # A request arriving now waits for the restart.
-        start = time.monotonic()
+        # A request arriving now, with no process running, waits for the restart and gets the new one.
         async with pool.acquire("a") as model:
             assert model.pid != first.pid
+            assert pool.stats.loads == 2
             assert (await model.complete(PROMPT, max_tokens=4)).text
-        assert time.monotonic() - start > 0.1
         after = status(pool, "a")
         assert after.phase == Phase.SERVING and after.restarts == 1 and after.pid == model.pid
         assert after.last_used is not None and first.last_used is not None and after.last_used > first.last_used
@@ -197,7 +196,7 @@ async def test_last_used_is_reset_when_the_model_restarts(two_models: tuple[Path
         await anyio.sleep(0.2)
         killed = datetime.now(UTC)
         os.kill(model.pid, signal.SIGKILL)
-        await wait_until(lambda: (s := status(pool, "a")).restarts == 1 and s.phase == Phase.SERVING, timeout=5)
+        await wait_until(lambda: (s := status(pool, "a")).restarts == 1 and s.phase == Phase.SERVING)
         after = status(pool, "a").last_used
         assert used is not None and after is not None
         assert after > killed > used  # no request since the crash: the restart reset it
@@ -220,8 +219,8 @@ async def test_random_traffic_with_room_for_one_model_always_completes(
     two_models: tuple[Path, Path], seed: int
 ) -> None:
     """Clients sending requests (streamed or not, some cancelled) while loads, unloads and idle unloads
-    go on, on 2 models with room for 1: every request ends within the deadline, never more than one
-    llama-server runs, and nothing stays in flight or queued.
+    go on, on 2 models with room for 1: every request ends (the deadline is a safety net against a
+    hang), never more than one llama-server runs, and nothing stays in flight or queued.
     """
     a, b = two_models
     cfg = serve_config(
@@ -271,7 +270,7 @@ async def test_random_traffic_with_room_for_one_model_always_completes(
 
         async with anyio.create_task_group() as outer:
             outer.start_soon(watch)
-            with anyio.fail_after(20):
+            with anyio.fail_after(120):
                 async with anyio.create_task_group() as tg:
                     for _ in range(7):
                         tg.start_soon(client)
@@ -325,10 +324,13 @@ async def test_idle_models_are_unloaded(two_models: tuple[Path, Path]) -> None:
     async with ModelPool(serve_config({"a": a}, idle_timeout=0.5)) as pool:
         async with pool.acquire("a") as model:
             pid = model.pid
-        await anyio.sleep(0.2)
-        assert not gone(pid)
-        await wait_until(lambda: pool.stats.idle_unloads == 1, timeout=3)
+        released = status(pool, "a").last_used
+        await wait_until(lambda: pool.stats.idle_unloads == 1)
         assert gone(pid)
+        # Unloaded after the last use. (When exactly, on a virtual clock: tests/unit/test_pool.py.)
+        unloaded = {c.type: c for c in status(pool, "a").conditions}["Loaded"]
+        assert unloaded.reason == "Unloaded" and released is not None
+        assert unloaded.last_transition_time > released
         assert status(pool, "a").phase == Phase.PENDING and not status(pool, "a").loaded
         async with pool.acquire("a") as model:
             assert model.pid != pid

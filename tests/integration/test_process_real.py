@@ -37,14 +37,12 @@ async def test_bad_model_file_is_reported_at_once(tmp_path: Path) -> None:
     # seen at once, its reason in at least one of three tries.
     reasons = 0
     for _ in range(3):
-        start = time.monotonic()
-        with pytest.raises(llamaproc.StartupError) as info:
-            await llamaproc.load_model(bad, startup_timeout=30)
-        elapsed = time.monotonic() - start
+        # At once: from the exit, not after the start-up timeout (an hour; the 30 s are a safety net).
+        with anyio.fail_after(30), pytest.raises(llamaproc.StartupError) as info:
+            await llamaproc.load_model(bad, startup_timeout=3600)
 
         err = info.value
         assert type(err) is llamaproc.StartupError  # an exit, not a timeout
-        assert elapsed < 2.0, f"StartupError after {elapsed:.2f} s"
         assert err.returncode not in (None, 0)
         assert err.pid is not None and _gone(err.pid)
         # This build prints "gguf_init_from_reader: invalid magic characters: 'this', expected 'GGUF'".
@@ -135,13 +133,11 @@ def test_parent_sigkill_leaves_no_orphan(tiny_model: Path, spawn: str) -> None:
 
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
-        killed = time.monotonic()
 
-        deadline = killed + 2.0
+        deadline = time.monotonic() + 30  # a wait, not a bound: the kernel kills it with its parent
         while not _gone(server_pid) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _gone(server_pid), f"llama-server {server_pid} outlived its parent by 2 s"
-        print(f"llama-server gone {(time.monotonic() - killed) * 1000:.1f} ms after its parent's SIGKILL")
+        assert _gone(server_pid), f"llama-server {server_pid} outlived its parent"
     finally:
         if parent.poll() is None:
             parent.kill()

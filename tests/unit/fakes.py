@@ -13,12 +13,13 @@ import sys
 #   --tag T            ignored; lets a test find the process by its command line
 #   --pidfile P        write the pid there first thing
 #   --ignore-term      SIGTERM is ignored
+#   --usr1-exits N     SIGUSR1 makes it exit with code N (at once)
 #   --print-env NAME   print "env NAME=VALUE"
 #   --grandchild       spawn `sleep 30` (sharing the output pipe), print "grandchild PID"
 #   --grandchild-ignores-term   ... with SIGTERM ignored in the grandchild
 #   --say LINE         print LINE (repeatable)
 #   --exit N           after the lines above, exit with code N
-#   --progress S       print a progress line every 0.1 s for S seconds before listening
+#   --progress S       print a progress line every 0.1 s for S seconds before listening, then "progress done"
 #   --never-listen     never open a port (after the progress lines, go silent)
 #   --loading S        answer /health with 503 "Loading model" for S seconds after listening
 #   --quiet            do not print the "listening on" line
@@ -31,6 +32,7 @@ p.add_argument("--host", default="127.0.0.1")
 p.add_argument("--tag")
 p.add_argument("--pidfile")
 p.add_argument("--ignore-term", action="store_true")
+p.add_argument("--usr1-exits", type=int)
 p.add_argument("--print-env")
 p.add_argument("--say", action="append", default=[])
 p.add_argument("--exit", type=int)
@@ -51,6 +53,8 @@ if a.pidfile:
     os.replace(a.pidfile + ".tmp", a.pidfile)
 if a.ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if a.usr1_exits is not None:
+    signal.signal(signal.SIGUSR1, lambda signum, frame: os._exit(a.usr1_exits))
 if a.print_env:
     say(f"env {a.print_env}={os.environ.get(a.print_env, '<unset>')}")
 if a.grandchild:
@@ -68,6 +72,8 @@ while time.monotonic() < end:
     say(f"0.00.{i:03d}.000 I srv  load_tensors: loading tensor {i}")
     i += 1
     time.sleep(0.1)
+if a.progress:
+    say("progress done")
 if a.never_listen:
     while True:
         time.sleep(1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -130,15 +129,24 @@ def test_read_gguf_info_of_the_tiny_model(tmp_path: Path) -> None:
     assert info.chat_template == fields["tokenizer.chat_template"]
 
 
-def test_big_vocabulary_is_fast(big_vocab: Path) -> None:
-    t0 = time.perf_counter()
-    info = llamaproc.read_gguf_info(big_vocab)
-    elapsed = time.perf_counter() - t0
+def test_big_vocabulary_is_read_in_bounded_memory(big_vocab: Path) -> None:
+    """The arrays are skipped by their lengths, not read into memory (GGUFReader makes an array per element).
+
+    How much faster that is than GGUFReader: bench/ (``gguf_metadata``).
+    """
+    size = big_vocab.stat().st_size
+    assert size > 8 << 20
+    tracemalloc.start()
+    try:
+        info = llamaproc.read_gguf_info(big_vocab)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert info.vocab_size == 152_000
     assert info.context_length == 32768
     assert info.chat_template == "{{ messages }}"
     assert info.parameter_count == 12
-    assert elapsed < 1.0, f"{elapsed:.2f} s"  # GGUFReader: ~17 s
+    assert peak < 8 << 20, f"{peak} bytes allocated to read a file of {size} bytes"
     meta = read_metadata(big_vocab)
     assert meta.fields["tokenizer.ggml.merges"] == GGUFArray(GGUFValueType.STRING, 300_000)
     assert meta.fields["tokenizer.ggml.token_type"] == GGUFArray(GGUFValueType.INT32, 152_000)
@@ -236,19 +244,17 @@ def test_hand_written_file_with_its_tensor_data_reads(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(DAMAGED))
-def test_damaged_files_raise_model_file_error_quickly(tmp_path: Path, name: str) -> None:
+def test_damaged_files_raise_model_file_error_without_big_allocations(tmp_path: Path, name: str) -> None:
+    """Impossible counts and lengths are refused, never used to size an allocation."""
     path = tmp_path / f"{name}.gguf"
     path.write_bytes(DAMAGED[name])
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         with pytest.raises(llamaproc.ModelFileError, match="not a readable GGUF file"):
             llamaproc.read_gguf_info(path)
-        elapsed = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 0.5
     assert peak < 8 << 20, f"{peak} bytes allocated"
 
 

@@ -1,4 +1,4 @@
-"""TextModel's argument checks and the request bodies it builds, against a mocked llama-server."""
+"""TextModel's argument checks, the request bodies it builds and its errors, against a mocked llama-server."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import respx
+from trio.testing import MockClock
 
 import llamaproc
 from llamaproc import InvalidArgumentError, LlamaClient, TextModel
@@ -205,3 +207,30 @@ async def test_good_load_arguments_get_as_far_as_the_file(tmp_path: Path) -> Non
             tmp_path / "missing.gguf", parallel=2, ctx_size=0, gpu_layers=-1, threads=4, pooling="mean",
             args=("--flash-attn", "on"), env={"FOO": "1"},
         )
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-virtual-clock")]
+)
+async def test_an_error_answer_is_raised_without_waiting_for_a_crash(model: TextModel, router: respx.MockRouter) -> None:
+    """A cut connection may mean that the child died: the model waits (up to 0.5 s) for its exit status.
+
+    An error answer comes from a live server: it is raised at once. Measured on a virtual clock.
+    """
+    router.post("/v1/embeddings").mock(
+        return_value=httpx.Response(501, json={"error": {"code": 501, "message": "embeddings are off"}})
+    )
+    start = anyio.current_time()
+    with pytest.raises(llamaproc.StatusError) as info:
+        await model.embed(["hello"])
+    assert anyio.current_time() == start
+    assert info.value.status_code == 501 and model.last_error is info.value
+
+    router.post("/completion").mock(side_effect=httpx.ConnectError("the connection was cut"))
+    with pytest.raises(llamaproc.TransportError):
+        await model.complete("hello")
+    assert anyio.current_time() - start == pytest.approx(0.5)  # the child is alive here: the wait ran out

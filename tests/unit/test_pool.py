@@ -9,13 +9,13 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from trio.testing import MockClock
 
 from llamaproc import Health, LlamaprocError, StartupError
 from llamaproc.errors import (
@@ -34,18 +34,35 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-class FakeModel:
-    """Stands in for a TextModel: an endpoint that never exits on its own."""
+def virtual_clock() -> pytest.MarkDecorator:
+    """Run the test on trio with a virtual clock that jumps to the next deadline whenever every task waits.
 
-    def __init__(self, path: Path, close_delay: float = 0.0) -> None:
+    Backoffs, idle timeouts and drain timeouts then take no real time, and
+    ``anyio.current_time()`` tells exactly how much (virtual) time passed between
+    two events: the pool and its supervisors measure their delays on that clock.
+    """
+    clock = MockClock(autojump_threshold=0)
+    return pytest.mark.parametrize("anyio_backend", [pytest.param(("trio", {"clock": clock}), id="trio-virtual-clock")])
+
+
+class FakeModel:
+    """Stands in for a TextModel: never exits on its own (its pid is this process).
+
+    ``close()`` takes ``close_delay`` seconds, or waits for ``close_gate`` to be set;
+    ``closing`` is true from its start.
+    """
+
+    def __init__(self, path: Path, close_delay: float = 0.0, close_gate: anyio.Event | None = None) -> None:
         self.path = path
         self.pid = os.getpid()
         self.base_url = "http://127.0.0.1:9"
         self.api_key: str | None = None
         self.returncode: int | None = None
+        self.closing = False
         self.closed = False
         self.output = ""
         self.close_delay = close_delay
+        self.close_gate = close_gate
         self._exited = anyio.Event()
 
     async def health(self) -> Health:
@@ -69,29 +86,50 @@ class FakeModel:
         self._exited.set()
 
     async def close(self) -> None:
-        if self.close_delay and not self.closed:
+        self.closing = True
+        if not self.closed:
             with anyio.CancelScope(shield=True):
-                await anyio.sleep(self.close_delay)
+                if self.close_delay:
+                    await anyio.sleep(self.close_delay)
+                if self.close_gate is not None:
+                    await self.close_gate.wait()
         self.closed = True
 
 
 class FakeLoader:
-    def __init__(self, *, fail: bool = False, delay: float = 0.0, close_delay: float = 0.0) -> None:
+    """Loads FakeModels; a load takes ``delay`` seconds, or waits for ``gate`` to be set.
+
+    ``calls`` records the model and the time (the event loop's clock) of every load attempt.
+    """
+
+    def __init__(
+        self,
+        *,
+        fail: bool = False,
+        delay: float = 0.0,
+        close_delay: float = 0.0,
+        gate: anyio.Event | None = None,
+        close_gate: anyio.Event | None = None,
+    ) -> None:
         self.fail = fail
         self.delay = delay
         self.close_delay = close_delay
+        self.gate = gate
+        self.close_gate = close_gate
         self.calls: list[tuple[str, float]] = []
         self.models: list[FakeModel] = []
         self.options: list[dict[str, Any]] = []
 
     async def __call__(self, path: Path, **options: Any) -> FakeModel:
-        self.calls.append((Path(path).stem, time.monotonic()))
+        self.calls.append((Path(path).stem, anyio.current_time()))
         self.options.append(options)
         if self.delay:
             await anyio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail:
             raise StartupError("llama-server exited with code 1 during start-up: bad file", returncode=1, output="")
-        model = FakeModel(Path(path), self.close_delay)
+        model = FakeModel(Path(path), self.close_delay, self.close_gate)
         self.models.append(model)
         return model
 
@@ -108,7 +146,8 @@ def status(pool: ModelPool, name: str) -> Any:
     return next(s for s in pool.status() if s.name == name)
 
 
-async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
+async def wait_until(predicate: Any, timeout: float = 30.0) -> None:
+    """Wait for a condition (the timeout is only a safety net against a hang)."""
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.005)
@@ -207,7 +246,7 @@ async def test_a_busy_model_is_not_evicted_the_other_request_waits() -> None:
 
                 tg.start_soon(use_b)
                 await wait_until(lambda: status(pool, "b").in_flight == 1)
-                await anyio.sleep(0.05)
+                await anyio.wait_all_tasks_blocked()  # everything that could happen now has happened
                 assert not got_b.is_set()
                 assert not model_a.closed
                 assert loader.loaded() == ["a"]
@@ -261,7 +300,7 @@ async def test_no_circular_wait_between_making_room_and_admission() -> None:
                 await anyio.sleep(0.01)
             done.append(name)
 
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):  # safety net: a circular wait would hang
             async with anyio.create_task_group() as tg, pool.acquire("c"):
                 tg.start_soon(use, "b")
                 await wait_until(lambda: status(pool, "b").in_flight == 1)
@@ -305,7 +344,7 @@ async def test_random_traffic_always_completes(seed: int) -> None:
             await (pool.load(name) if op == "load" else pool.unload(name))
             outcomes.append(op)
 
-        with anyio.fail_after(10):
+        with anyio.fail_after(60):  # safety net: a request that never ends would hang
             async with anyio.create_task_group() as tg:
                 for _ in range(80):
                     name = rng.choice("ab")
@@ -324,24 +363,24 @@ async def test_random_traffic_always_completes(seed: int) -> None:
 @pytest.mark.anyio
 async def test_a_load_failure_refuses_requests_at_once_during_its_backoff() -> None:
     loader = FakeLoader(fail=True)
-    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 1}}, restart_backoff=5, restart_backoff_max=5)
+    cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 1}}, restart_backoff=3600, restart_backoff_max=3600)
     async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
-        errors: list[tuple[str, float]] = []
-        start = time.monotonic()
+        errors: list[tuple[str, int]] = []
 
         async def request() -> None:
             try:
                 async with pool.acquire("a"):
                     pytest.fail("a model that cannot load was used")
             except ModelUnavailableError as exc:
-                errors.append((str(exc), time.monotonic() - start))
+                errors.append((str(exc), len(loader.calls)))  # with the load attempts made so far
 
-        with anyio.fail_after(2):  # not through the 5 s backoff
+        with anyio.fail_after(30):  # safety net: waiting through the hour of backoff would hang
             async with anyio.create_task_group() as tg:
                 for _ in range(4):  # one in flight, three queued behind it
                     tg.start_soon(request)
             await request()  # arriving during the backoff
-        assert len(errors) == 5 and len(loader.calls) == 1
+        # Every request was refused after the first attempt and before a second one: not through the backoff.
+        assert [calls for _, calls in errors] == [1] * 5 and len(loader.calls) == 1
         assert all("could not be loaded: StartupError" in message for message, _ in errors)
         assert "retrying in" in errors[-1][0]
         assert status(pool, "a").phase == Phase.LOADING  # still retrying in the background
@@ -349,16 +388,21 @@ async def test_a_load_failure_refuses_requests_at_once_during_its_backoff() -> N
 
 @pytest.mark.anyio
 async def test_a_model_being_unloaded_is_not_reported_serving() -> None:
-    loader = FakeLoader(close_delay=0.3)
+    stopping = anyio.Event()
+    loader = FakeLoader(close_gate=stopping)
     async with ModelPool(config("a"), loader=loader, health_interval=None) as pool, anyio.create_task_group() as tg:
         await pool.load("a")
         assert status(pool, "a").phase == Phase.SERVING
         tg.start_soon(pool.unload, "a")
-        await wait_until(lambda: not status(pool, "a").loaded)
-        st = status(pool, "a")
-        assert not loader.models[0].closed  # still stopping
-        assert st.phase == Phase.PENDING
-        assert {c.type: c for c in st.conditions}["Ready"].reason == "Unloading"
+        try:
+            await wait_until(lambda: loader.models[0].closing)
+            st = status(pool, "a")
+            assert not loader.models[0].closed  # still stopping: its close() waits for `stopping`
+            assert not st.loaded
+            assert st.phase == Phase.PENDING
+            assert {c.type: c for c in st.conditions}["Ready"].reason == "Unloading"
+        finally:
+            stopping.set()
         await wait_until(lambda: loader.models[0].closed)
         await wait_until(lambda: {c.type: c for c in status(pool, "a").conditions}["Ready"].reason == "Unloaded")
 
@@ -415,7 +459,7 @@ async def test_queue_full_is_refused_at_once_and_nothing_is_lost() -> None:
                 tg.start_soon(request, i)
             await wait_until(lambda: status(pool, "a").queued == 2)
             assert status(pool, "a").in_flight == 2
-            with anyio.fail_after(1):
+            with anyio.fail_after(30):  # safety net: nothing is released, so a refusal that waited would hang
                 with pytest.raises(QueueFullError) as info:
                     async with pool.acquire("a"):
                         pass
@@ -460,7 +504,7 @@ async def test_cancelled_waiter_leaves_the_queue_and_leaks_no_slot() -> None:
                 tg.cancel_scope.cancel()
             assert (status(pool, "a").in_flight, status(pool, "a").queued) == (1, 0)
         assert (status(pool, "a").in_flight, status(pool, "a").queued) == (0, 0)
-        with anyio.fail_after(1):
+        with anyio.fail_after(30):  # safety net: a leaked slot would make this wait for ever
             async with pool.acquire("a"):
                 pass
 
@@ -505,28 +549,34 @@ async def _hold(pool: ModelPool, name: str, seconds: float) -> None:
 async def test_drain_refuses_new_requests_and_waits_for_admitted_ones() -> None:
     cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 1}}, queue_size=4)
     finished: list[str] = []
+    drained: list[bool] = []
+    release = anyio.Event()
     async with ModelPool(cfg, loader=FakeLoader(), health_interval=None) as pool, anyio.create_task_group() as tg:
 
         async def request(name: str) -> None:
             async with pool.acquire("a"):
-                await anyio.sleep(0.1)
+                await release.wait()
                 finished.append(name)
+
+        async def drain() -> None:
+            drained.append(await pool.drain(timeout=3600))
 
         tg.start_soon(request, "in-flight")
         await wait_until(lambda: status(pool, "a").in_flight == 1)
         tg.start_soon(request, "queued")
         await wait_until(lambda: status(pool, "a").queued == 1)
         assert not pool.draining
-        start = time.monotonic()
-        with anyio.fail_after(2):
-            drained = await pool.drain(timeout=5)
-        assert drained
-        assert pool.draining
-        assert finished == ["in-flight", "queued"]
-        assert time.monotonic() - start >= 0.1
+        tg.start_soon(drain)
+        await wait_until(lambda: pool.draining)
         with pytest.raises(ShuttingDownError):
             async with pool.acquire("a"):
                 pass
+        await anyio.wait_all_tasks_blocked()
+        assert drained == [] and finished == []  # drain() waits while the admitted requests run
+        release.set()
+        await wait_until(lambda: bool(drained))
+        assert drained == [True]
+        assert finished == ["in-flight", "queued"]  # both had finished when drain() returned
 
 
 @pytest.mark.anyio
@@ -535,7 +585,7 @@ async def test_load_is_refused_while_draining() -> None:
     async with ModelPool(config("a b"), loader=loader, health_interval=None) as pool, pool.acquire("a"):
         with anyio.move_on_after(0.05):
             await pool.drain(timeout=1)
-        with anyio.fail_after(2), pytest.raises(ShuttingDownError):
+        with anyio.fail_after(30), pytest.raises(ShuttingDownError):  # refused, not waiting for room
             await pool.load("b")
         assert loader.loaded() == ["a"]
 
@@ -561,7 +611,7 @@ async def test_close_after_a_drain_timeout_ends_what_waits_and_what_runs() -> No
             await wait_until(lambda: status(pool, "a").queued == 1 and status(pool, "b").in_flight == 1)
             assert not await pool.drain(timeout=0.05)
             assert not pool.closed
-            with anyio.fail_after(2):
+            with anyio.fail_after(30):  # safety net against a hang
                 await pool.close()
             assert pool.closed and model.closed
             await wait_until(lambda: len(errors) == 2)
@@ -571,18 +621,21 @@ async def test_close_after_a_drain_timeout_ends_what_waits_and_what_runs() -> No
             await pool.load("a")
 
 
+@virtual_clock()
 @pytest.mark.anyio
 async def test_drain_times_out() -> None:
     async with ModelPool(config("a"), loader=FakeLoader(), health_interval=None) as pool, pool.acquire("a"):
-        start = time.monotonic()
+        start = anyio.current_time()
         assert not await pool.drain(timeout=0.1)
-        assert 0.08 <= time.monotonic() - start < 1
+        assert anyio.current_time() - start == pytest.approx(0.1)  # neither earlier nor later (virtual time)
+        assert status(pool, "a").in_flight == 1
     assert await pool.drain(timeout=0.1) is True
 
 
 # --- failures --------------------------------------------------------------------------------------
 
 
+@virtual_clock()
 @pytest.mark.anyio
 async def test_load_failures_back_off_then_fail_until_an_explicit_load() -> None:
     loader = FakeLoader(fail=True)
@@ -596,18 +649,20 @@ async def test_load_failures_back_off_then_fail_until_an_explicit_load() -> None
         times = [t for _, t in loader.calls]
         assert len(times) == 3  # the load and 2 restarts
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert gaps[0] >= 0.05 and gaps[1] >= 0.08  # doubled, capped
+        assert gaps == [pytest.approx(0.05), pytest.approx(0.08)]  # the backoff, then doubled and capped
         st = status(pool, "a")
         assert st.restarts == 2 and pool.stats.restarts == 2 and pool.stats.loads == 0
         failed = {c.type: c for c in st.conditions}["Failed"]
         assert failed.status == "True" and "bad file" in failed.message
-        # Failed: refused at once, with the last error.
-        with anyio.fail_after(0.5):
-            with pytest.raises(ModelUnavailableError, match="failed after more than 2 restarts.*bad file"):
-                async with pool.acquire("a"):
-                    pass
-        await anyio.sleep(0.2)
+        # Failed: refused at once (no time passes), with the last error.
+        before = anyio.current_time()
+        with pytest.raises(ModelUnavailableError, match="failed after more than 2 restarts.*bad file"):
+            async with pool.acquire("a"):
+                pass
+        assert anyio.current_time() == before
+        await anyio.sleep(3600)  # an hour, well past every backoff and the restart window
         assert len(loader.calls) == 3  # stays Failed
+        assert status(pool, "a").phase == Phase.FAILED
         # An explicit load resets it.
         loader.fail = False
         await pool.load("a")
@@ -633,15 +688,19 @@ async def test_unload_clears_failed() -> None:
 
 @pytest.mark.anyio
 async def test_requests_wait_while_loading() -> None:
-    loader = FakeLoader(delay=0.1)
+    loaded = anyio.Event()
+    loader = FakeLoader(gate=loaded)
     cfg = config(models={"a": {"path": "/m/a.gguf", "parallel": 2}})
     async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
         models: list[Any] = []
         async with anyio.create_task_group() as tg:
             for _ in range(3):
                 tg.start_soon(_collect, pool, models)
-            await wait_until(lambda: status(pool, "a").phase == Phase.LOADING)
+            await wait_until(lambda: status(pool, "a").phase == Phase.LOADING and status(pool, "a").queued == 1)
+            await anyio.wait_all_tasks_blocked()
             assert status(pool, "a").in_flight == 2 and status(pool, "a").queued == 1
+            assert models == []  # nobody got the model while it loads
+            loaded.set()
         assert len(loader.calls) == 1
         assert len(models) == 3 and all(m is models[0] for m in models)
 
@@ -654,19 +713,22 @@ async def _collect(pool: ModelPool, into: list[Any]) -> None:
 # --- idle unload, preload, unload, close --------------------------------------------------------------
 
 
+@virtual_clock()
 @pytest.mark.anyio
 async def test_idle_models_are_unloaded() -> None:
     loader = FakeLoader()
     async with ModelPool(config("a b", max_loaded_models=2, idle_timeout=0.2), loader=loader,
                          health_interval=None) as pool:  # fmt: skip
         async with pool.acquire("a"):
-            await anyio.sleep(0.4)  # in use: not idle
+            await anyio.sleep(0.4)  # in use for twice the idle timeout: not idle
             assert loader.loaded() == ["a"]
+        released = anyio.current_time()
         # The model's process is gone a moment before the unload is complete and counted.
-        await wait_until(
-            lambda: loader.loaded() == [] and status(pool, "a").phase == Phase.PENDING and pool.stats.idle_unloads == 1,
-            timeout=2,
-        )
+        await wait_until(lambda: loader.loaded() == [])
+        unloaded = anyio.current_time()
+        await wait_until(lambda: status(pool, "a").phase == Phase.PENDING and pool.stats.idle_unloads == 1)
+        # Unloaded once idle for idle_timeout, at the idle check (every 0.05 s) that follows (virtual time).
+        assert 0.2 <= unloaded - released < 0.2 + 0.05 + 0.01  # + this test's own polling (every 0.005 s)
         async with pool.acquire("a"):  # loads again on demand
             pass
         assert len(loader.calls) == 2
@@ -692,7 +754,7 @@ async def test_unload_waits_for_requests_using_the_model() -> None:
     async with ModelPool(config("a"), loader=loader, health_interval=None) as pool, anyio.create_task_group() as tg:
         async with pool.acquire("a") as model:
             tg.start_soon(pool.unload, "a")
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()  # the unload has gone as far as it can
             assert not model.closed
         await wait_until(lambda: model.closed)
 

@@ -34,8 +34,9 @@ started, whichever comes first. A request never waits for the room holder
 while its model is loaded or loading, so the requests that keep a loaded
 model busy always make progress and no wait can be circular.
 
-A background task unloads models idle for ``idle_timeout``; the
-supervisors restart crashed models. :meth:`ModelPool.drain` stops admission
+A background task unloads models idle for ``idle_timeout`` (measured, like
+the supervisors' delays, on the event loop's clock); the supervisors restart
+crashed models. :meth:`ModelPool.drain` stops admission
 and waits for what was admitted; :meth:`ModelPool.close` (also run when the
 ``async with`` is left) stops every child, and requests still waiting or
 running end with :class:`~llamaproc.ShuttingDownError` or the error of their
@@ -49,7 +50,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
@@ -178,7 +178,7 @@ class _Entry:
 
     def touch(self) -> None:
         self.last_used = datetime.now(UTC)
-        self.last_used_mono = time.monotonic()
+        self.last_used_mono = anyio.current_time()
 
 
 # --- the pool --------------------------------------------------------------------------------------
@@ -398,13 +398,13 @@ class ModelPool(Generic[E]):
             model = await self._ready(entry)
             entry.using += 1
             entry.touch()
-            started = time.monotonic()
+            started = anyio.current_time()
             try:
                 yield model
             finally:
                 entry.using -= 1
                 entry.touch()
-                seconds = time.monotonic() - started
+                seconds = anyio.current_time() - started
                 entry.avg_seconds = seconds if entry.avg_seconds is None else 0.8 * entry.avg_seconds + 0.2 * seconds
         finally:
             self._release(entry)
@@ -621,7 +621,7 @@ class ModelPool(Generic[E]):
         interval = max(0.05, min(idle_timeout / 4, 1.0))
         while True:
             await anyio.sleep(interval)
-            now = time.monotonic()
+            now = anyio.current_time()
             for entry in list(self._entries.values()):
                 if entry.evictable and now - entry.last_used_mono >= idle_timeout:
                     entry.evicting = True

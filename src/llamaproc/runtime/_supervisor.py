@@ -22,6 +22,9 @@ A :class:`Supervisor` owns the llama-server child of one configured model
   :class:`~llamaproc.TextModel` once it serves, and raises
   :class:`~llamaproc.ModelUnavailableError` with the last error when it is
   Failed or when the load it waited for failed.
+* Every delay and window is measured on the event loop's clock
+  (:func:`anyio.current_time`), so that it can be driven by a virtual clock
+  (``trio.testing.MockClock``) in tests.
 
 Run it with ``async with Supervisor(name, config) as sup:`` (it starts
 loading at once), or call :meth:`Supervisor.run` in a task group of your own
@@ -34,7 +37,6 @@ import collections
 import enum
 import logging
 import math
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
@@ -163,7 +165,7 @@ class Supervisor(Generic[E]):
         self._phase = Phase.PENDING
         self._want = False
         self._model: E | None = None
-        #: Monotonic times of the restarts inside the current window.
+        #: Times (the event loop's clock) of the restarts inside the current window.
         self._restart_times: collections.deque[float] = collections.deque()
         self._restarts = 0
         self._loads = 0
@@ -347,7 +349,7 @@ class Supervisor(Generic[E]):
             if self._load_failures > failures or self._load_backoff:
                 retry = ""
                 if self._retry_at is not None:
-                    retry = f"; retrying in {max(0.0, self._retry_at - time.monotonic()):.1f} s"
+                    retry = f"; retrying in {max(0.0, self._retry_at - anyio.current_time()):.1f} s"
                 raise ModelUnavailableError(f"model {self.name!r} could not be loaded: {self._last_error}{retry}")
             await changed.wait()
 
@@ -476,7 +478,7 @@ class Supervisor(Generic[E]):
     async def _after_failure(self, event: str | None, message: str) -> None:
         """Record a crash or failed load; then either mark Failed or sleep the backoff and return."""
         self._last_error = message
-        now = time.monotonic()
+        now = anyio.current_time()
         while self._restart_times and now - self._restart_times[0] > self.restart_window:
             self._restart_times.popleft()
         recent = len(self._restart_times)
