@@ -38,7 +38,8 @@ async def record(s: Settings, n: int = 256) -> tuple[Path, Path]:
         (chat, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": n, "temperature": 0.0, "stream": True}),
     ]
     model = await llamaproc.load_model(tiny_model(s.workdir))
-    async with model, httpx.AsyncClient(base_url=model.base_url, timeout=60.0, trust_env=False) as http:
+    auth = _auth(model)
+    async with model, httpx.AsyncClient(base_url=model.base_url, timeout=60.0, trust_env=False, headers=auth) as http:
         for path, url, body in requests:
             async with http.stream("POST", url, json=body) as response:
                 response.raise_for_status()
@@ -50,6 +51,11 @@ async def record(s: Settings, n: int = 256) -> tuple[Path, Path]:
 
 Reader = Callable[[int], Awaitable[int]]
 
+
+
+def _auth(model: llamaproc.TextModel) -> dict[str, str]:
+    """The child's key: it answers only to its owner, and the baselines talk to it directly."""
+    return {"Authorization": f"Bearer {model.api_key}"}
 
 def llamaproc_native(client: llamaproc.LlamaClient) -> Reader:
     async def read(n: int) -> int:

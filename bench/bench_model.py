@@ -19,6 +19,11 @@ import llamaproc
 PROMPT = "hello world the model says"
 
 
+def _auth(model: llamaproc.TextModel) -> dict[str, str]:
+    """The child's key: it answers only to its owner, and the baselines talk to it directly."""
+    return {"Authorization": f"Bearer {model.api_key}"}
+
+
 async def _bare_tokens(http: httpx.AsyncClient, body: dict[str, object], *, stop_after: int | None = None) -> int:
     """Read a native /completion stream the plain way: httpx-sse + json.loads per event."""
     count = 0
@@ -41,7 +46,7 @@ async def generate_throughput(s: Settings) -> list[Result]:
     model_path = tiny_model(s.workdir)
     body = {"prompt": PROMPT, "n_predict": n, "temperature": 0.0, "stream": True, "return_tokens": True}
     model = await llamaproc.load_model(model_path)
-    async with model, httpx.AsyncClient(base_url=model.base_url, timeout=60.0, trust_env=False) as http:
+    async with model, httpx.AsyncClient(base_url=model.base_url, timeout=60.0, trust_env=False, headers=_auth(model)) as http:
 
         async def subject() -> float:
             count = 0
@@ -210,7 +215,7 @@ async def close_latency(s: Settings) -> list[Result]:
 
         try:
             async with anyio.create_task_group() as tg, httpx.AsyncClient(
-                base_url=model.base_url, timeout=60.0, trust_env=False
+                base_url=model.base_url, timeout=60.0, trust_env=False, headers=_auth(model)
             ) as monitor:
                 tg.start_soon(consume, True)
                 await reading.wait()
@@ -264,7 +269,7 @@ async def close_latency(s: Settings) -> list[Result]:
 
         try:
             async with anyio.create_task_group() as tg, httpx.AsyncClient(
-                base_url=model.base_url, timeout=60.0, trust_env=False
+                base_url=model.base_url, timeout=60.0, trust_env=False, headers=_auth(model)
             ) as monitor:
                 tg.start_soon(call)
                 while not await _processing(monitor):

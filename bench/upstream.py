@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import inspect
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -57,11 +58,16 @@ HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream", "C
 Send = Callable[[], Awaitable[int]]
 
 
-def upstream_send(client: Any, base_url: str, body: bytes) -> Send:
-    """One request with an ``Upstream`` (this one or a compared one): the body's length."""
+def upstream_send(client: Any, base_url: str, body: bytes, key: str | None) -> Send:
+    """One request with an ``Upstream`` (this one or a compared one): the body's length.
+
+    The model's key goes as the daemon sends it; an older ``Upstream`` that takes no headers sends none
+    (its requests then get llama-server's 401, read whole like any answer).
+    """
+    extra = {} if key is None else {"headers": ((b"Authorization", b"Bearer " + key.encode()),)}
 
     async def send() -> int:
-        response = await client.post(base_url, PATH, body, stream=True)
+        response = await client.post(base_url, PATH, body, stream=True, **extra)
         try:
             if response.status != 200:
                 raise RuntimeError(f"Upstream: status {response.status}")
@@ -88,8 +94,8 @@ def httpx_send(client: httpx.AsyncClient, body: bytes) -> Send:
     return send
 
 
-def httpcore_send(pool: httpcore.AsyncConnectionPool, url: str, body: bytes) -> Send:
-    headers = list(HEADERS.items())
+def httpcore_send(pool: httpcore.AsyncConnectionPool, url: str, body: bytes, auth: dict[str, str]) -> Send:
+    headers = list({**HEADERS, **auth}.items())
 
     async def send() -> int:
         async with pool.stream("POST", url, content=body, headers=headers) as response:
@@ -121,21 +127,23 @@ async def upstream_client(s: Settings, compare: Path | None = None) -> list[Resu
     # --log-disable: llama-server's log lines of every request would be read by the model's output
     # thread, in this process, and counted in its CPU time.
     model = await llamaproc.load_model(tiny_model(s.workdir), args=["--log-disable"])
+    auth = {"Authorization": f"Bearer {model.api_key}"}  # the child answers only to its owner's key
     async with (
         model,
         Upstream(warm_for=0) as upstream,
-        httpx.AsyncClient(base_url=model.base_url, timeout=60.0, trust_env=False) as http,
+        httpx.AsyncClient(base_url=model.base_url, timeout=60.0, trust_env=False, headers=auth) as http,
         httpcore.AsyncConnectionPool() as pool,
     ):
         clients: dict[str, Send] = {
-            "upstream": upstream_send(upstream, model.base_url, body),
+            "upstream": upstream_send(upstream, model.base_url, body, model.api_key),
             "httpx": httpx_send(http, body),
-            "httpcore": httpcore_send(pool, model.base_url + PATH, body),
+            "httpcore": httpcore_send(pool, model.base_url + PATH, body, auth),
         }
         compared = None
         if compare is not None:
             compared = load_compared(compare)(warm_for=0)
-            clients["compared"] = upstream_send(compared, model.base_url, body)
+            takes_headers = "headers" in inspect.signature(compared.post).parameters
+            clients["compared"] = upstream_send(compared, model.base_url, body, model.api_key if takes_headers else None)
         # A warm-up, and a check that every client reads the whole answer (its length varies with the
         # timings in the final event).
         sizes = {name: await send() for name, send in clients.items()}

@@ -17,17 +17,16 @@ import textwrap
 import threading
 import time
 import tracemalloc
-import uuid
 import warnings
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import psutil
 import pytest
-from fakes import FAKE_SERVER, PARENT, PYTHON, fake_args
+from fakes import FAKE_SERVER, PARENT, PYTHON
+from test_process import fake, line_value, reader_alive, survivors
 
 import llamaproc
 from llamaproc import LlamaClient, TextModel
@@ -64,15 +63,6 @@ HUGE_LINE_SERVER = textwrap.dedent(
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def survivors(tag: str) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose command line carries ``tag``."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["status"] != psutil.STATUS_ZOMBIE and tag in (p.info["cmdline"] or []):
-            found.append(p)
-    return found
-
-
 def gone(pid: int) -> bool:
     """The process is reaped, or a zombie (it runs no code either way)."""
     try:
@@ -87,34 +77,8 @@ async def wait_gone(pid: int) -> None:
             await anyio.sleep(0.01)
 
 
-def reader_alive(pid: int) -> bool:
-    return any(t.name == f"llamaproc-output-{pid}" and t.is_alive() for t in threading.enumerate())
-
-
 def fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def line_value(proc: ServerProcess, prefix: str) -> str:
-    for line in proc.output.lines():
-        if line.startswith(prefix):
-            return line[len(prefix):]
-    raise AssertionError(f"no line starting with {prefix!r} in:\n{proc.output.text()}")
-
-
-@pytest.fixture
-def tag() -> Iterator[str]:
-    """A unique argument for the fake server; no process may carry it after the test."""
-    value = f"fake-{uuid.uuid4().hex}"
-    yield value
-    left = survivors(value)
-    for p in left:
-        p.kill()
-    assert not left, f"processes survived the test: {left}"
-
-
-def fake(tag: str, *options: str) -> list[str]:
-    return fake_args("--tag", tag, *options)
 
 
 @pytest.fixture(params=["setpriv", "preexec"])
