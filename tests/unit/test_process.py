@@ -9,8 +9,7 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +17,8 @@ import anyio
 import httpx
 import psutil
 import pytest
-from fakes import FAKE_SERVER, PARENT, PYTHON, fake_args
+from fakes import FAKE_SERVER, PARENT, PYTHON
+from process_helpers import fake, line_value, reader_alive, survivors
 
 from llamaproc.errors import LlamaprocError, StartupError, StartupTimeoutError
 from llamaproc.process import OutputBuffer, ServerProcess
@@ -29,15 +29,6 @@ T = TypeVar("T")
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def survivors(tag: str) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose command line carries ``tag``."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["status"] != psutil.STATUS_ZOMBIE and tag in (p.info["cmdline"] or []):
-            found.append(p)
-    return found
 
 
 def dead(proc: psutil.Process) -> bool:
@@ -90,30 +81,7 @@ async def sigkill_after(pid: int, seconds: float) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def reader_alive(pid: int) -> bool:
-    return any(t.name == f"llamaproc-output-{pid}" and t.is_alive() for t in threading.enumerate())
 
-
-def line_value(proc: ServerProcess, prefix: str) -> str:
-    for line in proc.output.lines():
-        if line.startswith(prefix):
-            return line[len(prefix):]
-    raise AssertionError(f"no line starting with {prefix!r} in:\n{proc.output.text()}")
-
-
-@pytest.fixture
-def tag() -> Iterator[str]:
-    """A unique argument for the fake server; no process may carry it after the test."""
-    value = f"fake-{uuid.uuid4().hex}"
-    yield value
-    left = survivors(value)
-    for p in left:
-        p.kill()
-    assert not left, f"processes survived the test: {left}"
-
-
-def fake(tag: str, *options: str) -> list[str]:
-    return fake_args("--tag", tag, *options)
 
 
 # -- a healthy server -----------------------------------------------------------------------------

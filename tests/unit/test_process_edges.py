@@ -26,7 +26,7 @@ import anyio
 import psutil
 import pytest
 from fakes import FAKE_SERVER, PARENT, PYTHON
-from test_process import fake, line_value, reader_alive, survivors
+from process_helpers import fake, line_value, reader_alive, survivors
 
 import llamaproc
 from llamaproc import LlamaClient, TextModel
