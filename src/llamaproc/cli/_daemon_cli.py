@@ -3,7 +3,7 @@
 They find the daemon through its state directory (``--state-dir``, default
 ``~/.llamaproc``): the socket named in ``serve.json`` (or ``serve.sock``, or
 ``--socket``) and the pid in ``serve.pid``. :class:`DaemonClient` is a small
-blocking client of the socket protocol (see :mod:`llamaproc._socket`).
+blocking client of the socket protocol (see :mod:`llamaproc.serve._socket`).
 """
 
 from __future__ import annotations

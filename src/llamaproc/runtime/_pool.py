@@ -1,7 +1,7 @@
 """A pool of named models, loaded on demand, within a count and a memory budget.
 
-:class:`ModelPool` keeps one :class:`~llamaproc._supervisor.Supervisor` per
-model of a :class:`~llamaproc._config.ServeConfig` and hands out loaded
+:class:`ModelPool` keeps one :class:`~llamaproc.Supervisor` per
+model of a :class:`~llamaproc.ServeConfig` and hands out loaded
 models with :meth:`ModelPool.acquire`::
 
     async with ModelPool(config) as pool:

@@ -1,7 +1,7 @@
 """Keep one model's llama-server running: load it, watch it, restart it.
 
 A :class:`Supervisor` owns the llama-server child of one configured model
-(:class:`~llamaproc._config.ModelConfig`). It reports a :class:`Phase`::
+(:class:`~llamaproc.ModelConfig`). It reports a :class:`Phase`::
 
     Pending ──start()──▶ Loading ──▶ Serving
                             ▲           │ exit, or /health stops answering
@@ -28,7 +28,7 @@ A :class:`Supervisor` owns the llama-server child of one configured model
 
 Run it with ``async with Supervisor(name, config) as sup:`` (it starts
 loading at once), or call :meth:`Supervisor.run` in a task group of your own
-(as :class:`~llamaproc._pool.ModelPool` does) and :meth:`Supervisor.start`.
+(as :class:`~llamaproc.ModelPool` does) and :meth:`Supervisor.start`.
 """
 
 from __future__ import annotations
