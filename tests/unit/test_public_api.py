@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import llamaproc
 import llamaproc.errors as exceptions
@@ -50,3 +52,16 @@ def test_the_library_does_not_load_the_daemon() -> None:
 def test_errors_of_every_part_derive_from_the_root() -> None:
     assert issubclass(llamaproc.ListenError, llamaproc.LlamaprocError)
     assert issubclass(llamaproc.ListenError, OSError)
+
+
+def test_serve_without_the_daemon_extra_says_which_extra_to_install(tmp_path: Path) -> None:
+    # A stand-in for a missing dependency: a `starlette` package that cannot be imported.
+    (tmp_path / "starlette").mkdir()
+    (tmp_path / "starlette" / "__init__.py").write_text("raise ModuleNotFoundError('no', name='starlette')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-m", "llamaproc", "serve", "--config", str(tmp_path / "none.toml")],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "pip install 'llamaproc[daemon]'" in done.stderr and "Traceback" not in done.stderr

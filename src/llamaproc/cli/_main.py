@@ -164,8 +164,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "discover":
             return _discover(args)
         if args.command == "serve":
-            from ..serve import cmd_serve
-
+            try:
+                from ..serve import cmd_serve
+            except ModuleNotFoundError as exc:
+                # The daemon's dependencies come with an extra; a library install has none of them.
+                print(
+                    f"llamaproc serve: {exc.name} is not installed; the daemon needs the daemon extra:"
+                    " pip install 'llamaproc[daemon]'",
+                    file=sys.stderr,
+                )
+                return 2
             return cmd_serve(args)
         from . import _daemon_cli
 
