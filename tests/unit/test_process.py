@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Coroutine
@@ -17,7 +15,7 @@ import anyio
 import httpx
 import psutil
 import pytest
-from fakes import FAKE_SERVER, PARENT, PYTHON
+from fakes import PYTHON
 from process_helpers import fake, line_value, reader_alive, survivors
 
 from llamaproc.errors import LlamaprocError, StartupError, StartupTimeoutError
@@ -400,25 +398,7 @@ async def test_output_is_forwarded_to_a_logger(tag: str, caplog: pytest.LogCaptu
 # -- no orphans ---------------------------------------------------------------------------------
 
 
-def test_child_dies_with_its_parent(tag: str) -> None:
-    """PR_SET_PDEATHSIG: a SIGKILLed parent takes its llama-server with it."""
-    env = {**os.environ, "PYTHONPATH": SRC}
-    parent = subprocess.Popen([PYTHON, "-c", PARENT, FAKE_SERVER, "--tag", tag],
-                              stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert parent.stdout is not None
-        ready, _, _ = select.select([parent.stdout], [], [], 15)
-        assert ready, "the parent did not start its server"
-        child = psutil.Process(int(parent.stdout.readline()))
-        assert child.ppid() == parent.pid and not dead(child)
-        parent.kill()
-        parent.wait(5)
-        assert wait_dead(child, 10.0), "the child outlived its parent"
-    finally:
-        parent.kill()
-        parent.wait(5)
-        if parent.stdout is not None:
-            parent.stdout.close()
+# (A SIGKILLed parent takes its child with it: test_process_edges.py, on both spawn paths.)
 
 
 @pytest.mark.parametrize("ignores_term", [False, True], ids=["plain", "ignores-sigterm"])
