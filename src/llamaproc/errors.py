@@ -70,6 +70,10 @@ __all__ = [
     "StreamError",
     "TransportError",
     "UsageError",
+    "WorkerBusyError",
+    "WorkerError",
+    "WorkerUnreachableError",
+    "WorkersLostError",
 ]
 
 
@@ -186,6 +190,33 @@ class ServerHungError(ServerCrashedError):
     def __init__(self, message: str, *, reason: str, returncode: int | None, output: str, pid: int | None = None) -> None:
         self.reason = reason
         super().__init__(message, returncode=returncode, output=output, pid=pid)
+
+
+# --- rpc workers ---------------------------------------------------------------------------------
+
+
+class WorkerError(LlamaprocError):
+    """An rpc worker (``ggml-rpc-server``) could not be started, reached or used. ``address`` is its ``host:port``."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        self.address = address
+        super().__init__(message)
+
+
+class WorkerUnreachableError(WorkerError):
+    """Nothing answered as an rpc worker at ``address`` within the deadline (refused, silent, or not an rpc-server)."""
+
+
+class WorkerBusyError(WorkerError):
+    """The worker already serves another model: an rpc-server serves one coordinator at a time."""
+
+
+class WorkersLostError(WorkerError):
+    """A sharded model lost workers and has fewer than ``min_workers`` left. ``lost`` names the lost addresses."""
+
+    def __init__(self, message: str, *, lost: Sequence[str] = (), address: str | None = None) -> None:
+        self.lost = list(lost)
+        super().__init__(message, address=address)
 
 
 # --- files and misuse ----------------------------------------------------------------------------

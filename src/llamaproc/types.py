@@ -15,10 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "Completion",
+    "Device",
     "GGUFInfo",
     "Health",
     "ModelInfo",
     "RequestMetrics",
+    "Reshard",
+    "Shard",
     "Timings",
     "Token",
     "Usage",
@@ -131,3 +134,70 @@ class ModelInfo(_Model):
     base_url: str
     binary: str
     flavour: str
+
+
+# --- sharded models --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A compute device an rpc worker offers: its name and memory in bytes (from the worker's banner or an RPC probe)."""
+
+    name: str
+    total: int
+    free: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "total": self.total, "free": self.free}
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """The layers one worker holds, in pipeline order.
+
+    ``layers`` follows llama.cpp's numbering: the repeating layers are
+    ``0 .. n_layer - 1`` and the output layer is ``n_layer``. In JSON a range
+    is ``{"start": a, "stop": b}``.
+    """
+
+    address: str
+    layers: range
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "layers": {"start": self.layers.start, "stop": self.layers.stop}}
+
+
+@dataclass(frozen=True, slots=True)
+class Reshard:
+    """One recovery of a sharded stream from lost workers.
+
+    ``after_tokens`` is how many tokens the stream had delivered when it
+    happened, ``lost`` the addresses evicted, ``layout`` the new plan
+    (empty: every layer on the coordinator), ``seconds`` the time from
+    detection to the next token, split into ``detect_seconds`` (from the last
+    token to detection), ``restart_seconds`` (probing and the new
+    coordinator) and ``replay_seconds`` (rebuilding the stream's context).
+    ``reason`` says what was seen: the coordinator exited, or no token came
+    for ``stall_timeout``.
+    """
+
+    after_tokens: int
+    lost: list[str]
+    layout: list[Shard]
+    seconds: float
+    detect_seconds: float = 0.0
+    restart_seconds: float = 0.0
+    replay_seconds: float = 0.0
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "after_tokens": self.after_tokens,
+            "lost": list(self.lost),
+            "layout": [shard.to_json() for shard in self.layout],
+            "seconds": self.seconds,
+            "detect_seconds": self.detect_seconds,
+            "restart_seconds": self.restart_seconds,
+            "replay_seconds": self.replay_seconds,
+            "reason": self.reason,
+        }
