@@ -46,7 +46,7 @@ from ..protocol import (
     status_error,
     timings_of,
 )
-from ..types import Completion, Health, Token, Usage
+from ..types import Completion, Health, Reshard, Token, Usage
 
 __all__ = ["DEFAULT_TIMEOUT", "END_OF_BODY_WAIT", "ERROR_BODY_LIMIT", "LlamaClient", "TokenStream"]
 
@@ -325,6 +325,16 @@ class TokenStream:
         return self._state.error
 
     @property
+    def token_ids(self) -> list[int]:
+        """The ids of the tokens received so far, where the endpoint reports them (a copy)."""
+        return list(self._state.parser.ids)
+
+    @property
+    def reshards(self) -> list[Reshard]:
+        """Recoveries from lost rpc workers during this stream: always empty for a model on one process."""
+        return []
+
+    @property
     def error_hook(self) -> ErrorHook | None:
         """Called with any error before it is raised; returns the error to raise."""
         return self._state.error_hook
@@ -449,6 +459,10 @@ class LlamaClient:
             raise _translate(exc) from exc
         await _raise_for_status(response)
         return response
+
+    async def post(self, path: str, body: Any) -> Any:
+        """``POST path`` with a JSON body; the decoded JSON answer (a non-2xx answer raises its typed error)."""
+        return await self._json("POST", path, body)
 
     async def _json(self, method: str, path: str, json_body: Any = None) -> Any:
         response = await self._request(method, path, json_body=json_body)

@@ -1,5 +1,7 @@
-"""A loaded model: :class:`TextModel` (one process + one client) and :func:`load_model`."""
+"""A loaded model: :class:`TextModel` (one process + one client), :class:`ShardedModel` (split over rpc
+workers) and :func:`load_model`."""
 
 from ._model import TextModel, load_model
+from ._sharded import ShardedModel
 
-__all__ = ["TextModel", "load_model"]
+__all__ = ["ShardedModel", "TextModel", "load_model"]

@@ -14,8 +14,11 @@ import secrets
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 import anyio
 
@@ -34,7 +37,7 @@ from ..errors import (
 )
 from ..process import ServerProcess
 from ..protocol import MAX_TOKENS, TEMPERATURE, chat_params, check_inputs, check_int, check_prompt, completion_params
-from ..types import Completion, GGUFInfo, Health, ModelInfo, RequestMetrics
+from ..types import Completion, GGUFInfo, Health, ModelInfo, RequestMetrics, Shard
 
 __all__ = ["TextModel", "load_model"]
 
@@ -103,6 +106,11 @@ class TextModel:
     def api_key(self) -> str | None:
         """The key the child wants (``Authorization: Bearer KEY``): random, made at load, known to this process only."""
         return self._api_key
+
+    @property
+    def layout(self) -> list[Shard]:
+        """Which worker holds which layers: empty for a model served by one process (see :class:`ShardedModel`)."""
+        return []
 
     @property
     def output(self) -> str:
@@ -352,6 +360,11 @@ async def load_model(
     grace: float = 5.0,
     log_output: bool | logging.Logger = False,
     request_timeout: float | None = None,
+    workers: Sequence[Any] | None = None,
+    split: str | Sequence[float] = "capacity",
+    min_workers: int = 1,
+    stall_timeout: float = 10.0,
+    max_reshards: int = 3,
 ) -> TextModel:
     """Start llama-server for the GGUF at ``path``; return when it answers ``/health``.
 
@@ -365,6 +378,13 @@ async def load_model(
     ``llamaproc.server`` logger (or the logger given). ``request_timeout`` is
     the read timeout of each request, default 600 s. An argument of the wrong
     type or value raises :class:`InvalidArgumentError` before anything starts.
+
+    ``workers`` splits the model by layers over rpc workers (``"host:port"``
+    addresses and/or :class:`RpcWorker` objects from :func:`start_worker`):
+    the result is a sharded model (see :class:`ShardedModel`) with ``split``
+    (``"capacity"``: by each worker's free memory, ``"uniform"``, or one
+    weight per worker), ``min_workers``, ``stall_timeout`` and
+    ``max_reshards`` for its failover.
     """
     check_int("parallel", parallel, minimum=1)
     check_int("ctx_size", ctx_size, minimum=0, optional=True)
@@ -404,24 +424,57 @@ async def load_model(
         logger = log_output
     else:
         logger = None
-    # The child answers only to this process: a random key, passed in the environment (not on the
-    # command line, which every local user can read), that nobody else knows.
-    api_key = secrets.token_urlsafe(24)
-    process = await ServerProcess.start(
-        backend.binary,
-        argv,
-        env={**backend.env, **(env or {}), "LLAMA_API_KEY": api_key},
-        devices=devices,
-        startup_timeout=startup_timeout,
-        grace=grace,
-        logger=logger,
-    )
     timeout = DEFAULT_TIMEOUT if request_timeout is None else DEFAULT_TIMEOUT.__class__(
         connect=5.0, read=request_timeout, write=30.0, pool=None
     )
-    client = LlamaClient(process.base_url, timeout=timeout, api_key=api_key)
-    _log.debug("loaded %s: pid %d at %s", model_path, process.pid, process.base_url)
+    launch = Launch(
+        path=model_path, backend=backend, argv=argv, env=dict(env or {}), devices=devices,
+        startup_timeout=startup_timeout, grace=grace, logger=logger, timeout=timeout,
+    )  # fmt: skip
+    if workers is not None:
+        from ._sharded import load_sharded
+
+        return await load_sharded(
+            launch, workers=workers, split=split, min_workers=min_workers, stall_timeout=stall_timeout,
+            max_reshards=max_reshards, parallel=parallel,
+        )  # fmt: skip
+    process, client, api_key = await launch.start()
     return TextModel(process, client, path=model_path, backend=backend, api_key=api_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """How to start a model's llama-server: everything :func:`load_model` decided, kept to start it again."""
+
+    path: Path
+    backend: Backend
+    argv: list[str]
+    env: dict[str, str]
+    devices: str | None
+    startup_timeout: float
+    grace: float
+    logger: logging.Logger | None
+    timeout: httpx.Timeout
+
+    async def start(
+        self, extra_argv: Sequence[str] = (), extra_env: Mapping[str, str] | None = None
+    ) -> tuple[ServerProcess, LlamaClient, str]:
+        """Start one llama-server; return it with a client that holds its key."""
+        # The child answers only to this process: a random key, passed in the environment (not on the
+        # command line, which every local user can read), that nobody else knows.
+        api_key = secrets.token_urlsafe(24)
+        process = await ServerProcess.start(
+            self.backend.binary,
+            [*self.argv, *extra_argv],
+            env={**self.backend.env, **self.env, **(extra_env or {}), "LLAMA_API_KEY": api_key},
+            devices=self.devices,
+            startup_timeout=self.startup_timeout,
+            grace=self.grace,
+            logger=self.logger,
+        )
+        client = LlamaClient(process.base_url, timeout=self.timeout, api_key=api_key)
+        _log.debug("loaded %s: pid %d at %s", self.path, process.pid, process.base_url)
+        return process, client, api_key
 
 
 def _pooling_for(path: Path) -> str | None:

@@ -106,18 +106,26 @@ class EventParser:
         choices = obj.get("choices")
         choice = choices[0] if choices else None
         text: str | None = None
+        token_id: int | None = None
         if choice is not None:
             if self.kind == "chat":
                 text = (choice.get("delta") or {}).get("content")
             else:
                 text = choice.get("text")
+            logprobs = choice.get("logprobs")
+            if logprobs:
+                # Token ids come only with logprobs (``n_probs``) on the OpenAI routes.
+                ids = [entry["id"] for entry in logprobs.get("content") or () if "id" in entry]
+                self.ids.extend(ids)
+                if len(ids) == 1:
+                    token_id = ids[0]
             if choice.get("finish_reason") is not None or "timings" in obj or "usage" in obj:
                 self._set_result(obj, choice.get("finish_reason"))
         elif "usage" in obj or "timings" in obj:
             self._set_result(obj, None)
         if text:
             self.texts.append(text)
-            return Token(text)
+            return Token(text, token_id)
         return None
 
     def _native(self, obj: dict[str, Any]) -> Token | None:
@@ -125,6 +133,8 @@ class EventParser:
         ids = obj.get("tokens")
         if obj.get("stop"):
             self.done = True
+            if ids:
+                self.ids.extend(ids)
             if text:
                 self.texts.append(text)
             self.result = native_completion(obj, "".join(self.texts), self.ids or None)
