@@ -86,6 +86,11 @@ OPERATIONS = [
     "GET /api/models",
     "POST /api/models/{name}/load",
     "POST /api/models/{name}/unload",
+    "GET /api/workers",
+    "POST /api/workers/register",
+    "POST /api/workers/heartbeat",
+    "DELETE /api/workers/{id}",
+    "GET /api/jobs",
     "GET /health",
     "GET /metrics",
 ]

@@ -32,9 +32,9 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -62,6 +62,7 @@ __all__ = [
     "ModelConfig",
     "ServeConfig",
     "load_config",
+    "normal_worker_address",
     "parse_api_keys",
     "parse_duration",
     "parse_size",
@@ -283,13 +284,14 @@ _AllowedOrigin = Annotated[str, BeforeValidator(_allowed_origin)]
 # --- sharded models: rpc workers -----------------------------------------------------------------
 
 #: ``host:port`` or ``[v6]:port``.
-_WORKER_RE = re.compile(r"(\[[^\[\]]+\]|[^:\[\]]+):(\d{1,5})")
+_WORKER_RE = re.compile(r"(\[[^\[\]]+\]|[^:\[\]]+):([0-9]{1,5})")
 #: ``workers = "registered"``: the daemon's ready registered workers when the model loads.
 REGISTERED = "registered"
 
 
-def _worker_key(address: str) -> str | None:
-    """``address`` in a normal form (lower-case host, compressed IPv6), for finding duplicates; None if invalid."""
+def normal_worker_address(address: str) -> str | None:
+    """An rpc worker's ``host:port`` (or ``[v6]:port``) in a normal form (lower-case host, compressed IPv6);
+    ``None`` if it is not one (a bad host, or a port outside 1..65535)."""
     match = _WORKER_RE.fullmatch(address)
     if match is None:
         return None
@@ -303,7 +305,7 @@ def _worker_key(address: str) -> str | None:
 def _worker_address(value: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError("Input should be a valid string")
-    if _worker_key(value) is None:
+    if normal_worker_address(value) is None:
         raise ConfigError(
             f"invalid worker address {value!r}: expected 'host:port' or '[v6]:port' with a port in 1..65535,"
             " e.g. '10.0.0.2:50052'"
@@ -410,7 +412,7 @@ class ModelConfig(BaseModel):
         if isinstance(value, tuple):
             seen: dict[str, str] = {}
             for address in value:
-                key = _worker_key(address) or address
+                key = normal_worker_address(address) or address
                 if key in seen:
                     raise ConfigError(f"worker {address!r} is listed twice (as {seen[key]!r} before)")
                 seen[key] = address
