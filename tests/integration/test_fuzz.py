@@ -86,6 +86,11 @@ OPERATIONS = [
     "GET /api/models",
     "POST /api/models/{name}/load",
     "POST /api/models/{name}/unload",
+    "GET /api/workers",
+    "POST /api/workers/register",
+    "POST /api/workers/heartbeat",
+    "DELETE /api/workers/{id}",
+    "GET /api/jobs",
     "GET /health",
     "GET /metrics",
 ]
@@ -197,6 +202,26 @@ def test_the_served_document_lists_every_route(daemon: Daemon) -> None:
     assert labels == [*OPERATIONS, "GET /openapi.json"]
 
 
+def _with_worker(daemon: Daemon, case: schemathesis.Case) -> None:
+    """Make ``case`` name a valid worker address, or the id of a registered (and not evicted) worker.
+
+    Only a value that the document allows is replaced: an invalid one is what a negative case tests.
+    """
+    address = "10.9.0.1:50052"
+    given = case.body.get("address") if isinstance(case.body, dict) else None
+    if isinstance(given, str) and len(given) <= 300 and re.fullmatch(r"(\[[^\[\]]+\]|[^:\[\]]+):[0-9]{1,5}", given):
+        case.body["address"] = address
+    given = case.body.get("id") if isinstance(case.body, dict) else None
+    wants_id = isinstance(given, str) and len(given) <= 100
+    if wants_id or (case.path_parameters and "id" in case.path_parameters):
+        answer = httpx.post(daemon.http + "/api/workers/register", json={"address": address}, timeout=TIMEOUT)
+        worker_id = answer.json()["id"]
+        if wants_id:
+            case.body["id"] = worker_id
+        else:
+            case.path_parameters["id"] = worker_id
+
+
 @pytest.mark.parametrize("label", OPERATIONS)
 def test_fuzz_http(daemon: Daemon, api: schemathesis.BaseSchema, label: str) -> None:
     method, path = label.split(" ")
@@ -207,7 +232,8 @@ def test_fuzz_http(daemon: Daemon, api: schemathesis.BaseSchema, label: str) -> 
     cases = st.one_of(*(operation.as_strategy(generation_mode=mode) for mode in modes))
     statuses: Counter[int] = Counter()
 
-    # Random model names are mostly unknown (404): most requests name a configured model instead.
+    # Random model names are mostly unknown (404): most requests name a configured model instead; likewise
+    # random worker addresses are mostly invalid and random worker ids unknown.
     @settings(LIVE, max_examples=HTTP_EXAMPLES.get(label, HTTP_EXAMPLES_DEFAULT))
     @given(case=cases, name=st.sampled_from([*MODELS, None]))
     def fuzz(case: schemathesis.Case, name: str | None) -> None:
@@ -216,6 +242,8 @@ def test_fuzz_http(daemon: Daemon, api: schemathesis.BaseSchema, label: str) -> 
                 case.body["model"] = name
             if case.path_parameters and "name" in case.path_parameters:
                 case.path_parameters["name"] = name
+            if path.startswith("/api/workers/"):
+                _with_worker(daemon, case)
         response = case.call(base_url=daemon.http, timeout=TIMEOUT)  # the whole body, streamed or not
         statuses[response.status_code] += 1
         case.validate_response(

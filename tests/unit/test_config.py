@@ -5,8 +5,16 @@ from pathlib import Path
 import pytest
 
 from llamaproc import ConfigError
-from llamaproc.errors import LlamaprocError
-from llamaproc.runtime import ModelConfig, ServeConfig, load_config, parse_api_keys, parse_duration, parse_size
+from llamaproc.errors import InvalidArgumentError, LlamaprocError
+from llamaproc.runtime import (
+    ModelConfig,
+    ServeConfig,
+    load_config,
+    parse_api_keys,
+    parse_duration,
+    parse_size,
+    shard_options,
+)
 
 
 def write(tmp_path: Path, text: str, *, model: str = "tiny.gguf") -> Path:
@@ -394,3 +402,124 @@ def test_parse_size(text: str | int, size: int) -> None:
 def test_parse_size_rejects(text: str | int) -> None:
     with pytest.raises(ConfigError, match="invalid size"):
         parse_size(text)
+
+
+# --- sharded models -------------------------------------------------------------------------------
+
+
+def sharded(tmp_path: Path, text: str) -> ConfigError:
+    return load_error(write(tmp_path, MINIMAL + text))
+
+
+def test_a_model_without_worker_keys_is_not_sharded(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    model = cfg.models["tiny"]
+    assert not model.sharded
+    assert (model.workers, model.local_workers, model.split, model.min_workers, model.max_reshards) == (None,) * 5
+    assert cfg.max_reshards == 3
+    assert shard_options(cfg, "tiny") == {}
+
+
+def test_sharded_model_keys(tmp_path: Path) -> None:
+    text = 'workers = ["10.0.0.2:50052", "[::1]:50053", "Worker-1.lan:7"]\nsplit = [3, 1.5, 0]\n'
+    text += 'min_workers = 2\nmax_reshards = 0\nstall_timeout = "10s"\n'
+    cfg = load_config(write(tmp_path, "max_reshards = 5\n" + MINIMAL + text))
+    model = cfg.models["tiny"]
+    assert model.sharded and model.worker_count == 3
+    assert model.workers == ("10.0.0.2:50052", "[::1]:50053", "Worker-1.lan:7")
+    assert model.split == (3.0, 1.5, 0.0)
+    assert shard_options(cfg, "tiny") == {
+        "workers": ["10.0.0.2:50052", "[::1]:50053", "Worker-1.lan:7"],
+        "split": [3.0, 1.5, 0.0],
+        "min_workers": 2,
+        "max_reshards": 0,
+        "stall_timeout": 10.0,
+    }
+
+
+def test_sharded_defaults_come_from_the_daemon(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, 'max_reshards = 5\nstall_timeout = "never"\n' + MINIMAL + "local_workers = 2\n"))
+    assert cfg.models["tiny"].sharded and cfg.models["tiny"].worker_count == 2
+    assert shard_options(cfg, "tiny", workers=["127.0.0.1:1", "127.0.0.1:2"]) == {
+        "workers": ["127.0.0.1:1", "127.0.0.1:2"],
+        "split": "capacity",
+        "min_workers": 1,
+        "max_reshards": 5,
+        "stall_timeout": None,
+    }
+
+
+def test_a_model_own_never_stall_timeout_is_no_limit(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL + 'workers = ["a:1"]\nstall_timeout = "never"\nsplit = "uniform"\n'))
+    options = shard_options(cfg, "tiny")
+    assert options["stall_timeout"] is None and options["split"] == "uniform"
+
+
+@pytest.mark.parametrize("text", ['workers = "registered"\n', "local_workers = 1\n"])
+def test_workers_resolved_by_the_daemon_must_be_given(tmp_path: Path, text: str) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL + text))
+    assert cfg.models["tiny"].sharded and cfg.models["tiny"].worker_count == (1 if "local" in text else None)
+    with pytest.raises(InvalidArgumentError, match="pass the addresses of its workers") as info:
+        shard_options(cfg, "tiny")
+    assert info.value.param == "workers"
+
+
+def test_a_split_that_does_not_fit_the_resolved_workers(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL + 'workers = "registered"\nsplit = [1, 2]\n'))
+    assert shard_options(cfg, "tiny", workers=["a:1", "b:2"])["split"] == [1.0, 2.0]
+    with pytest.raises(InvalidArgumentError, match="2 weights for 3 workers") as info:
+        shard_options(cfg, "tiny", workers=["a:1", "b:2", "c:3"])
+    assert info.value.param == "split"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('workers = ["a:1", "b"]\n', "models.tiny.workers[1]: invalid worker address 'b': expected 'host:port'"),
+        ('workers = ["a:0"]\n', "models.tiny.workers[0]: invalid worker address 'a:0'"),
+        ('workers = ["a:65536"]\n', "models.tiny.workers[0]: invalid worker address 'a:65536'"),
+        ('workers = ["::1:5"]\n', "models.tiny.workers[0]: invalid worker address '::1:5'"),
+        ('workers = ["[nope]:5"]\n', "models.tiny.workers[0]: invalid worker address '[nope]:5'"),
+        ('workers = ["a b:5"]\n', "models.tiny.workers[0]: invalid worker address 'a b:5'"),
+        ("workers = [5]\n", "models.tiny.workers[0]: Input should be a valid string"),
+        ('workers = "all"\n', "models.tiny.workers: invalid workers 'all': expected a list of 'host:port' addresses"),
+        ("workers = 2\n", "models.tiny.workers: invalid workers: expected a list"),
+        ('workers = ["A:1", "a:1"]\n', "models.tiny.workers: worker 'a:1' is listed twice (as 'A:1' before)"),
+        ('workers = ["[::1]:1", "[0::1]:1"]\n', "models.tiny.workers: worker '[0::1]:1' is listed twice"),
+        ("local_workers = -1\n", "models.tiny.local_workers: Input should be greater than or equal to 0"),
+        ('workers = ["a:1"]\nlocal_workers = 1\n', "models.tiny.local_workers: workers and local_workers exclude"),
+        ('split = "uniform"\n', "models.tiny.split: split is only for a sharded model: set workers or local_workers"),
+        ("min_workers = 1\n", "models.tiny.min_workers: min_workers is only for a sharded model"),
+        ("max_reshards = 1\n", "models.tiny.max_reshards: max_reshards is only for a sharded model"),
+        ('local_workers = 2\nsplit = "even"\n', "models.tiny.split: invalid split 'even': expected 'capacity',"),
+        ("local_workers = 2\nsplit = 2\n", "models.tiny.split: invalid split: expected"),
+        ("local_workers = 2\nsplit = [1, -1]\n", "models.tiny.split[1]: invalid weight -1: must be a finite number"),
+        ('local_workers = 2\nsplit = [1, "1"]\n', "models.tiny.split[1]: Input should be a number"),
+        ("local_workers = 2\nsplit = [1, true]\n", "models.tiny.split[1]: Input should be a number"),
+        ("local_workers = 2\nsplit = [1, nan]\n", "models.tiny.split[1]: invalid weight nan"),
+        ("local_workers = 2\nsplit = [0, 0.0]\n", "models.tiny.split: the weights of split must not all be zero"),
+        ("local_workers = 2\nsplit = [1, 2, 3]\n", "models.tiny.split: split has 3 weights for 2 workers"),
+        ('workers = ["a:1"]\nsplit = [1, 2]\n', "models.tiny.split: split has 2 weights for 1 workers"),
+        ('workers = ["a:1"]\nmin_workers = 2\n', "models.tiny.min_workers: min_workers (2) is more than the 1 workers"),
+        ("local_workers = 1\nmin_workers = -1\n", "models.tiny.min_workers: Input should be greater than or equal"),
+        ('workers = ["a:1"]\nmax_reshards = -1\n', "models.tiny.max_reshards: Input should be greater than or equal"),
+    ],
+)
+def test_bad_sharded_keys(tmp_path: Path, text: str, message: str) -> None:
+    err = sharded(tmp_path, text)
+    assert len(err.problems) == 1, err.problems
+    assert err.problems[0].split(": ", 1)[1].startswith(message), err.problems[0]
+
+
+def test_sharded_problems_are_reported_at_once(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, "max_reshards = -1\n" + MINIMAL + 'workers = ["a:1", "a"]\nsplit = "x"\n'))
+    assert [line.split(": ", 1)[1].split(":")[0] for line in err.problems] == [
+        "models.tiny.workers[1]",
+        "models.tiny.split",
+        "max_reshards",
+    ]
+
+
+def test_unknown_sharded_key_suggests_closest(tmp_path: Path) -> None:
+    err = sharded(tmp_path, 'worker = ["a:1"]\n')
+    assert str(err).endswith(": models.tiny: unknown key 'worker' (did you mean 'workers'?)")

@@ -68,6 +68,8 @@ ERROR_CODES: dict[str, ErrorCode] = {
                   "a cross-origin browser request from an origin not in `allowed_origins`", "http"),
         ErrorCode("not_found", 404, _INVALID, "no such route; on the socket: no request with that id is in flight"),
         ErrorCode("model_not_found", 404, _INVALID, "no model of that name is configured"),
+        ErrorCode("worker_not_found", 404, _INVALID,
+                  "no rpc worker of that id is registered, or it was evicted (a worker registers again)", "http"),
         ErrorCode("method_not_allowed", 405, _INVALID, "the route does not take that method", "http"),
         ErrorCode("request_timeout", 408, _INVALID, "the request's head or body did not arrive in time", "http"),
         ErrorCode("duplicate_id", 409, _INVALID, "a request with this id is still in flight on this connection",
@@ -93,6 +95,8 @@ ERROR_CODES: dict[str, ErrorCode] = {
         ErrorCode("too_many_connections", 503, _SERVER,
                   "the daemon has `max_connections` HTTP connections open; refused before reading", "http",
                   retry=True),
+        ErrorCode("too_many_workers", 503, _SERVER,
+                  "the daemon's registry of rpc workers is full (none of them lost)", "http", retry=True),
         ErrorCode("upstream_timeout", 504, _SERVER,
                   "llama-server sent nothing for `stall_timeout` seconds and made no progress (hung; restarted)"),
     )

@@ -1,7 +1,16 @@
 """Keeping models served: the endpoint protocol, the config, the supervisor of one model, the pool of many,
 the pid lock."""
 
-from ._config import ModelConfig, ServeConfig, load_config, parse_api_keys, parse_duration, parse_size
+from ._config import (
+    ModelConfig,
+    ServeConfig,
+    load_config,
+    normal_worker_address,
+    parse_api_keys,
+    parse_duration,
+    parse_size,
+    shard_options,
+)
 from ._endpoint import Endpoint, Loader
 from ._pidlock import PidLock, read_pid
 from ._pool import ModelPool, PoolStats, estimate_memory
@@ -21,8 +30,10 @@ __all__ = [
     "Supervisor",
     "estimate_memory",
     "load_config",
+    "normal_worker_address",
     "parse_api_keys",
     "parse_duration",
     "parse_size",
     "read_pid",
+    "shard_options",
 ]

@@ -12,6 +12,11 @@ per model::
     path = "models/tiny.gguf"
     parallel = 2
 
+    [models.big]                   # sharded over rpc workers
+    path = "models/big.gguf"
+    workers = ["10.0.0.2:50052", "10.0.0.3:50052"]
+    split = [3, 1]
+
 :func:`load_config` reads and validates it into a frozen :class:`ServeConfig`.
 Durations are stored as float seconds (``None`` when disabled) and sizes as
 int bytes. Every problem in the file is reported at once, one line each, as a
@@ -27,36 +32,41 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
     StrictBool,
     StrictInt,
     StrictStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidArgumentError
 
 __all__ = [
     "ConfigError",
     "ModelConfig",
     "ServeConfig",
     "load_config",
+    "normal_worker_address",
     "parse_api_keys",
     "parse_duration",
     "parse_size",
+    "shard_options",
 ]
 
 
@@ -271,6 +281,88 @@ _AllowedHost = Annotated[str, BeforeValidator(_allowed_host)]
 _AllowedOrigin = Annotated[str, BeforeValidator(_allowed_origin)]
 
 
+# --- sharded models: rpc workers -----------------------------------------------------------------
+
+#: ``host:port`` or ``[v6]:port``.
+_WORKER_RE = re.compile(r"(\[[^\[\]]+\]|[^:\[\]]+):([0-9]{1,5})")
+#: ``workers = "registered"``: the daemon's ready registered workers when the model loads.
+REGISTERED = "registered"
+
+
+def normal_worker_address(address: str) -> str | None:
+    """An rpc worker's ``host:port`` (or ``[v6]:port``) in a normal form (lower-case host, compressed IPv6);
+    ``None`` if it is not one (a bad host, or a port outside 1..65535)."""
+    match = _WORKER_RE.fullmatch(address)
+    if match is None:
+        return None
+    port = int(match.group(2))
+    host = _normal_host(match.group(1))
+    if host is None or not 0 < port < 65536 or (host.startswith("[") != match.group(1).startswith("[")):
+        return None
+    return f"{host}:{port}"
+
+
+def _worker_address(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ConfigError("Input should be a valid string")
+    if normal_worker_address(value) is None:
+        raise ConfigError(
+            f"invalid worker address {value!r}: expected 'host:port' or '[v6]:port' with a port in 1..65535,"
+            " e.g. '10.0.0.2:50052'"
+        )
+    return value
+
+
+def _split_weight(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError("Input should be a number")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"invalid weight {value!r}: must be a finite number >= 0")
+    return float(value)
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        if value not in ("capacity", "uniform"):
+            raise ConfigError(f"invalid split {value!r}: expected 'capacity', 'uniform' or a list of weights")
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError("invalid split: expected 'capacity', 'uniform' or a list of weights")
+    return value
+
+
+_WorkerAddress = Annotated[str, BeforeValidator(_worker_address)]
+_Weight = Annotated[float, BeforeValidator(_split_weight)]
+_Split = Annotated[
+    Annotated[Literal["capacity", "uniform"], Tag("<name>")] | Annotated[tuple[_Weight, ...], Tag("<weights>")],
+    Discriminator(lambda value: "<name>" if isinstance(value, str) else "<weights>"),
+    BeforeValidator(_split),
+]
+
+
+def _workers_kind(value: Any) -> str:
+    return "<registered>" if isinstance(value, str) else "<addresses>"
+
+
+def _workers(value: Any) -> Any:
+    if isinstance(value, str):
+        if value != REGISTERED:
+            raise ConfigError(
+                f"invalid workers {value!r}: expected a list of 'host:port' addresses or the string 'registered'"
+            )
+    elif not isinstance(value, (list, tuple)):
+        raise ConfigError("invalid workers: expected a list of 'host:port' addresses or the string 'registered'")
+    return value
+
+
+#: The tags (``<...>``: never a key or a model name) are dropped from the dotted paths of errors.
+_Workers = Annotated[
+    Annotated[tuple[_WorkerAddress, ...], Tag("<addresses>")] | Annotated[Literal["registered"], Tag("<registered>")],
+    Discriminator(_workers_kind),
+    BeforeValidator(_workers),
+]
+
+
 # --- models --------------------------------------------------------------------------------------
 
 
@@ -296,6 +388,60 @@ class ModelConfig(BaseModel):
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     binary: StrictStr | None = None
     stall_timeout: _OverrideDuration | None = None
+    workers: _Workers | None = None
+    local_workers: StrictInt | None = Field(default=None, ge=0)
+    split: _Split | None = None
+    min_workers: StrictInt | None = Field(default=None, ge=0)
+    max_reshards: StrictInt | None = Field(default=None, ge=0)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is split over rpc workers (``workers`` or ``local_workers`` is set)."""
+        return self.workers is not None or self.local_workers is not None
+
+    @property
+    def worker_count(self) -> int | None:
+        """How many workers the config fixes (listed, or ``local_workers``); None when unknown until load."""
+        if isinstance(self.workers, tuple):
+            return len(self.workers)
+        return self.local_workers
+
+    @field_validator("workers")
+    @classmethod
+    def _no_duplicate_workers(cls, value: tuple[str, ...] | str | None) -> tuple[str, ...] | str | None:
+        if isinstance(value, tuple):
+            seen: dict[str, str] = {}
+            for address in value:
+                key = normal_worker_address(address) or address
+                if key in seen:
+                    raise ConfigError(f"worker {address!r} is listed twice (as {seen[key]!r} before)")
+                seen[key] = address
+        return value
+
+    @field_validator("local_workers")
+    @classmethod
+    def _exclusive(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("workers") is not None:
+            raise ConfigError("workers and local_workers exclude each other: set one of them")
+        return value
+
+    @field_validator("split", "min_workers", "max_reshards")
+    @classmethod
+    def _sharded_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or "workers" not in info.data or "local_workers" not in info.data:
+            return value  # a bad workers or local_workers is a problem of its own
+        workers, local = info.data["workers"], info.data["local_workers"]
+        if workers is None and local is None:
+            raise ConfigError(f"{info.field_name} is only for a sharded model: set workers or local_workers too")
+        count = len(workers) if isinstance(workers, tuple) else local
+        if info.field_name == "split" and isinstance(value, tuple):
+            if not any(value):
+                raise ConfigError("the weights of split must not all be zero")
+            if count is not None and len(value) != count:
+                raise ConfigError(f"split has {len(value)} weights for {count} workers: give one weight per worker")
+        if info.field_name == "min_workers" and count is not None and value > count:
+            raise ConfigError(f"min_workers ({value}) is more than the {count} workers the model has")
+        return value
 
     @field_validator("path")
     @classmethod
@@ -342,6 +488,9 @@ class ServeConfig(BaseModel):
     how long a client may take to send a whole request head;
     ``body_timeout`` (30s): its whole body; ``max_connections`` (1024):
     open HTTP connections beyond which new ones are refused at once.
+
+    ``max_reshards`` (3): how many times a stream of a sharded model may
+    recover from lost rpc workers before it fails (a model's own overrides it).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -365,6 +514,7 @@ class ServeConfig(BaseModel):
     header_timeout: _PositiveDuration = 10.0
     body_timeout: _PositiveDuration = 30.0
     max_connections: StrictInt = Field(default=1024, ge=1)
+    max_reshards: StrictInt = Field(default=3, ge=0)
 
     @field_validator("preload")
     @classmethod
@@ -385,6 +535,46 @@ class ServeConfig(BaseModel):
                 f" must not be less than restart_backoff ({self.restart_backoff:g}s)"
             )
         return self
+
+
+def shard_options(config: ServeConfig, name: str, *, workers: Sequence[str] | None = None) -> dict[str, Any]:
+    """The keywords of a sharded :func:`~llamaproc.load_model` for model ``name``; ``{}`` for a model that is not sharded.
+
+    They are ``workers``, ``split``, ``min_workers``, ``max_reshards`` and
+    ``stall_timeout`` (the model's own values, else the daemon-wide ones or the
+    defaults; ``stall_timeout`` ``None`` means no limit). ``workers`` gives the
+    addresses the daemon resolved for ``local_workers`` or
+    ``workers = "registered"`` (it overrides a listed ``workers``). Raises
+    :class:`~llamaproc.errors.InvalidArgumentError` when the model needs
+    resolved workers and none are given, or when a list ``split`` does not
+    have one weight per worker.
+    """
+    model = config.models[name]
+    if not model.sharded:
+        return {}
+    if workers is None:
+        if not isinstance(model.workers, tuple):
+            where = "local_workers" if model.local_workers is not None else 'workers = "registered"'
+            raise InvalidArgumentError(
+                f"model {name!r} has {where}: pass the addresses of its workers", param="workers"
+            )
+        workers = model.workers
+    split = model.split if model.split is not None else "capacity"
+    if isinstance(split, tuple) and len(split) != len(workers):
+        raise InvalidArgumentError(
+            f"model {name!r}: split has {len(split)} weights for {len(workers)} workers", param="split"
+        )
+    if model.stall_timeout is None:
+        stall = config.stall_timeout
+    else:
+        stall = None if math.isinf(model.stall_timeout) else model.stall_timeout
+    return {
+        "workers": list(workers),
+        "split": list(split) if isinstance(split, tuple) else split,
+        "min_workers": model.min_workers if model.min_workers is not None else 1,
+        "max_reshards": model.max_reshards if model.max_reshards is not None else config.max_reshards,
+        "stall_timeout": stall,
+    }
 
 
 def _context(info: ValidationInfo) -> dict[str, Any]:
@@ -438,7 +628,7 @@ def _problems(exc: ValidationError) -> list[str]:
     """One readable line per pydantic error: ``dotted.key: message``."""
     lines = []
     for err in exc.errors(include_url=False):
-        loc = tuple(part for part in err["loc"] if part != "[key]")
+        loc = tuple(part for part in err["loc"] if part != "[key]" and not str(part).startswith("<"))
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
             where = _dotted(loc[:-1])

@@ -1,11 +1,14 @@
-"""The ASGI app of ``llamaproc serve``: the proxied OpenAI routes, the listing and management routes."""
+"""The ASGI app of ``llamaproc serve``: the proxied OpenAI routes, the listing and management routes,
+the rpc worker registry's routes and the job log."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -13,18 +16,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import LlamaprocError
+from ..errors import LlamaprocError, WorkerError
 from ..protocol import OPENAI_REQUIRED, error_code, error_message, error_status
 from ._metrics import CONTENT_TYPE, ServeMetrics
 from ._openapi import openapi_bytes
 from ._proxy import DEFAULT_MAX_BODY, ProxyRoute, ProxyState, error_response, retry_headers
 from ._security import HttpSecurity
 from ._upstream import Upstream
+from ._workers import HeartbeatBody, JobLog, RegisterBody, RegistryFullError, UnknownWorkerError, WorkerRegistry
 
 if TYPE_CHECKING:
     from ..runtime import ModelPool
 
-__all__ = ["create_app"]
+__all__ = ["MAX_WORKER_BODY", "create_app"]
+
+#: The largest body the worker routes read (a registration with its devices is a few KiB).
+MAX_WORKER_BODY = 64 * 1024
 
 
 # --- management and listing --------------------------------------------------------------------
@@ -41,15 +48,21 @@ def create_app(
     metrics: ServeMetrics | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     security: HttpSecurity | None = None,
+    workers: WorkerRegistry | None = None,
+    jobs: JobLog | None = None,
 ) -> ASGIApp:
     """The ASGI app of the daemon, serving ``pool``.
 
     ``client`` reaches the llama-server children; the caller owns and closes it.
     ``security`` checks every request first (default: no API key, loopback
-    ``Host`` names only, no cross-origin browser requests).
+    ``Host`` names only, no cross-origin browser requests). ``workers`` and
+    ``jobs`` are served by ``/api/workers`` and ``/api/jobs`` (default: empty
+    ones of the app's own).
     """
     if metrics is None:
         metrics = ServeMetrics(pool)
+    registry = workers if workers is not None else WorkerRegistry()
+    job_log = jobs if jobs is not None else JobLog()
     state = ProxyState(pool, client, metrics, max_body, write_timeout=pool.config.write_timeout)
 
     async def list_models(request: Request) -> Response:
@@ -87,6 +100,47 @@ def create_app(
     async def unload(request: Request) -> Response:
         return await _manage(request.path_params["name"], pool.unload)
 
+    async def list_workers(request: Request) -> Response:
+        return JSONResponse({"workers": registry.snapshot(), "heartbeat_interval": registry.heartbeat_interval})
+
+    async def register_worker(request: Request) -> Response:
+        body = await _read_body(request, RegisterBody)
+        if isinstance(body, Response):
+            return body
+        devices = body.device_list()
+        if registry.probe is not None:
+            try:
+                probed = await registry.probe(body.address)
+            except WorkerError as exc:
+                return error_response("bad_request", error_message(exc), param="address")
+            devices = devices or list(probed)
+        try:
+            entry = registry.register(body.address, devices, body.cpu_seconds)
+        except RegistryFullError as exc:
+            return error_response("too_many_workers", str(exc), headers={"Retry-After": "60"})
+        return JSONResponse({"id": entry.id, "heartbeat_interval": registry.heartbeat_interval})
+
+    async def heartbeat(request: Request) -> Response:
+        body = await _read_body(request, HeartbeatBody)
+        if isinstance(body, Response):
+            return body
+        try:
+            entry = registry.heartbeat(body.id, body.cpu_seconds)
+        except UnknownWorkerError as exc:
+            return error_response("worker_not_found", str(exc), param="id")
+        return JSONResponse({"id": entry.id, "heartbeat_interval": registry.heartbeat_interval})
+
+    async def evict_worker(request: Request) -> Response:
+        worker_id = request.path_params["id"]
+        try:
+            entry = registry.evict(worker_id)
+        except UnknownWorkerError as exc:
+            return error_response("worker_not_found", str(exc), param="id")
+        return JSONResponse(registry.describe(entry))
+
+    async def list_jobs(request: Request) -> Response:
+        return JSONResponse({"jobs": job_log.snapshot()})
+
     async def health(request: Request) -> Response:
         if pool.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
@@ -112,12 +166,51 @@ def create_app(
         Route("/api/models", api_models, methods=["GET"]),
         Route("/api/models/{name}/load", load, methods=["POST"]),
         Route("/api/models/{name}/unload", unload, methods=["POST"]),
+        Route("/api/workers", list_workers, methods=["GET"]),
+        Route("/api/workers/register", register_worker, methods=["POST"]),
+        Route("/api/workers/heartbeat", heartbeat, methods=["POST"]),
+        Route("/api/workers/{id}", evict_worker, methods=["DELETE"]),
+        Route("/api/jobs", list_jobs, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
     starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     return _App(starlette, hot, security if security is not None else HttpSecurity())
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+async def _read_body(request: Request, model: type[_Body]) -> _Body | Response:
+    """The request's JSON body checked against ``model``, or the 400 or 413 answer saying what is wrong."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_WORKER_BODY:
+            return error_response("body_too_large", f"the body is larger than {MAX_WORKER_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        return error_response("invalid_json", "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        param = _dotted(error["loc"])
+        message = str(error["ctx"]["error"]) if "error" in error.get("ctx", {}) else error["msg"]
+        return error_response("bad_request", f"{param}: {message}"[:1000], param=param or None)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
 class _App:

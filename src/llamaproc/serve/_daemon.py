@@ -56,6 +56,7 @@ from ._metrics import ServeMetrics
 from ._proxy import DEFAULT_MAX_BODY, stall_timeout_of
 from ._security import HttpSecurity
 from ._upstream import Upstream
+from ._workers import JobLog, WorkerRegistry
 
 if TYPE_CHECKING:
     from ..runtime import ModelPool
@@ -212,10 +213,21 @@ async def run_daemon(
         )
         ensure_file_limit(limits.max_connections)
         metrics = ServeMetrics()
+        workers = WorkerRegistry()
+        jobs = JobLog()
+        metrics.attach_workers(workers)
         socket_requests = ActiveRequests()
         async with Upstream() as client, ModelPool(config) as pool:
             metrics.attach(pool)
-            app = create_app(pool, client=client, metrics=metrics, max_body=max_body, security=security)
+            app = create_app(
+                pool,
+                client=client,
+                metrics=metrics,
+                max_body=max_body,
+                security=security,
+                workers=workers,
+                jobs=jobs,
+            )
             server = _Server(
                 uvicorn.Config(
                     app,

@@ -4,22 +4,27 @@
 (nothing leaks into the process-wide default registry). Request counters and
 histograms are updated by the HTTP and socket front ends; the pool's state
 (queue depth, in flight, loaded models, loads, evictions, restarts) is read
-from the pool at scrape time, so it can never drift from the truth.
+from the pool at scrape time, so it can never drift from the truth. So are
+the rpc workers' gauges, from the :class:`~._workers.WorkerRegistry`: a worker
+the registry forgets leaves no series behind.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..runtime import Phase
+from ..types import Reshard
+from ._workers import STATES
 
 if TYPE_CHECKING:
     from ..runtime import ModelPool
+    from ._workers import WorkerRegistry
 
 __all__ = ["CONTENT_TYPE", "ServeMetrics"]
 
@@ -31,6 +36,7 @@ UNKNOWN_MODEL = "(unknown)"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_RESUME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class ServeMetrics:
@@ -77,7 +83,22 @@ class ServeMetrics:
             buckets=_TTFT_BUCKETS,
             registry=self.registry,
         )
+        self.reshards = Counter(
+            "llamaproc_reshards",
+            "Recoveries of a sharded model's streams from lost rpc workers.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.resume = Histogram(
+            "llamaproc_resume_seconds",
+            "Time from detecting lost rpc workers to the stream's next token.",
+            ["model"],
+            buckets=_RESUME_BUCKETS,
+            registry=self.registry,
+        )
+        self._workers: WorkerRegistry | None = None
         self.registry.register(_PoolCollector(self))
+        self.registry.register(_WorkerCollector(self))
         if pool is not None:
             self.attach(pool)
 
@@ -85,6 +106,18 @@ class ServeMetrics:
         """Read the pool's state at every scrape from now on."""
         self._pool = pool
         self._names = frozenset(pool.names())
+
+    def attach_workers(self, workers: WorkerRegistry) -> None:
+        """Read the rpc workers' gauges from ``workers`` at every scrape from now on."""
+        self._workers = workers
+
+    def record_reshard(self, model: str, reshard: Reshard | Mapping[str, Any]) -> None:
+        """Count a reshard of one of ``model``'s streams (a :class:`~llamaproc.types.Reshard` or its JSON)."""
+        seconds = reshard.seconds if isinstance(reshard, Reshard) else reshard.get("seconds")
+        model = self.label(model)
+        self.reshards.labels(model).inc()
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
+            self.resume.labels(model).observe(seconds)
 
     def label(self, model: str) -> str:
         """The ``model`` label for a requested name."""
@@ -159,3 +192,35 @@ class _PoolCollector(Collector):
         yield CounterMetricFamily(
             "llamaproc_idle_unloads", "Models unloaded after idle_timeout.", value=stats.idle_unloads
         )
+
+
+class _WorkerCollector(Collector):
+    """The rpc workers' gauges, read from the registry at scrape time (one series per worker it knows)."""
+
+    def __init__(self, metrics: ServeMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        registry = self._metrics._workers
+        if registry is None:
+            return
+        layers = GaugeMetricFamily(
+            "llamaproc_worker_layers",
+            "Layers of a model a worker holds (the worker is labelled by its address).",
+            labels=["worker", "model"],
+        )
+        state = GaugeMetricFamily(
+            "llamaproc_worker_state",
+            "1 for the worker's current state (ready, in use, lost), 0 for the others.",
+            labels=["worker", "state"],
+        )
+        for entry, now in registry.states():
+            if entry.model is not None and entry.layers is not None:
+                layers.add_metric([entry.address, entry.model], len(entry.layers))
+            for each in STATES:
+                state.add_metric([entry.address, each], 1 if now == each else 0)
+        yield layers
+        yield state

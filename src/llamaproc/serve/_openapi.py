@@ -6,7 +6,8 @@ parameters, the fields of a request body it checks (``model``, ``messages``,
 llama-server, hence ``additionalProperties: true``), the outline of its
 answers and every status code it sends, with OpenAI's error shape. The state
 of a model (``/api/models``) is described from :class:`~llamaproc.runtime.ModelStatus`
-itself, so the two cannot drift apart.
+itself, so the two cannot drift apart, and the bodies of the worker routes from
+the models that check them.
 
 The document is built once, on first use, and served as the same bytes after.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from .. import __version__
 from ..runtime import ModelStatus
+from ._workers import STATES, HeartbeatBody, RegisterBody
 
 __all__ = ["openapi_bytes", "openapi_document"]
 
@@ -161,10 +163,224 @@ def _answer(object_: str, description: str) -> dict[str, Any]:
     }
 
 
+_TEMPLATE = "#/components/schemas/{model}"
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_RANGE = {
+    "type": "object",
+    "description": "Layers `start` to `stop - 1`, in llama.cpp's numbering (the output layer is `n_layer`).",
+    "required": ["start", "stop"],
+    "properties": {"start": {"type": "integer"}, "stop": {"type": "integer"}},
+}
+
+
+def _worker_schemas() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for name, model in (("WorkerRegistration", RegisterBody), ("WorkerHeartbeat", HeartbeatBody)):
+        schema = model.model_json_schema(mode="validation", ref_template=_TEMPLATE)
+        schemas |= schema.pop("$defs", {})
+        schemas[name] = schema
+    device = {
+        "type": "object",
+        "required": ["name", "total", "free"],
+        "properties": {
+            "name": {"type": "string"},
+            "total": {"type": "integer", "description": "Bytes."},
+            "free": {"type": "integer", "description": "Bytes."},
+        },
+    }
+    shard = {
+        "type": "object",
+        "description": "The layers one worker holds.",
+        "required": ["address", "layers"],
+        "properties": {"address": {"type": "string"}, "layers": _RANGE},
+    }
+    seconds = {"type": "number"}
+    reshard = {
+        "type": "object",
+        "description": "One recovery of a sharded stream from lost workers.",
+        "required": ["after_tokens", "lost", "layout", "seconds"],
+        "properties": {
+            "after_tokens": {"type": "integer", "description": "Tokens the stream had delivered."},
+            "lost": {"type": "array", "items": {"type": "string"}, "description": "The addresses evicted."},
+            "layout": {"type": "array", "items": _ref("Shard"), "description": "The new plan."},
+            "seconds": {"type": "number", "description": "From detection to the next token."},
+            "detect_seconds": seconds,
+            "restart_seconds": seconds,
+            "replay_seconds": seconds,
+            "reason": {"type": "string"},
+        },
+    }
+    worker = {
+        "type": "object",
+        "description": "An rpc worker the daemon knows.",
+        "required": ["id", "address", "pid", "source", "state", "devices", "model", "layers"],
+        "properties": {
+            "id": {"type": "string"},
+            "address": {"type": "string", "description": "`host:port` of its rpc-server."},
+            "pid": {"type": ["integer", "null"], "description": "Its pid when the daemon started it."},
+            "source": {"enum": ["local", "registered", "config"]},
+            "state": {
+                "enum": list(STATES),
+                "description": "`lost`: evicted, found dead, or (registered) silent for three heartbeat intervals.",
+            },
+            "devices": {"type": "array", "items": _ref("Device")},
+            "model": {**_NULLABLE_STRING, "description": "The model whose layers it holds."},
+            "layers": {"anyOf": [_RANGE, {"type": "null"}]},
+            "registered_at": {"type": "string", "format": "date-time"},
+            "last_heartbeat": {"type": "string", "format": "date-time"},
+            "heartbeat_age": {"type": "number", "description": "Seconds since it was last heard from."},
+            "cpu_seconds": {"type": ["number", "null"], "description": "Its rpc-server's CPU seconds, as reported."},
+        },
+    }
+    job = {
+        "type": "object",
+        "description": "A recent request.",
+        "required": ["id", "model", "route", "status", "started", "finished", "tokens", "layout", "reshards"],
+        "properties": {
+            "id": {"type": "string"},
+            "model": {"type": "string"},
+            "route": {"type": "string"},
+            "status": {"enum": ["running", "done", "failed"]},
+            "started": {"type": "string", "format": "date-time"},
+            "finished": {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]},
+            "seconds": {"type": ["number", "null"]},
+            "tokens": {"type": "integer"},
+            "layout": {"type": "array", "items": _ref("Shard")},
+            "reshards": {"type": "array", "items": _ref("Reshard")},
+        },
+    }
+    schemas |= {
+        "Device": device,
+        "Shard": shard,
+        "Reshard": reshard,
+        "Worker": worker,
+        "WorkerList": {
+            "type": "object",
+            "required": ["workers", "heartbeat_interval"],
+            "properties": {
+                "workers": {"type": "array", "items": _ref("Worker")},
+                "heartbeat_interval": {"type": "number", "description": "Seconds between a worker's heartbeats."},
+            },
+        },
+        "WorkerAccepted": {
+            "type": "object",
+            "required": ["id", "heartbeat_interval"],
+            "properties": {
+                "id": {"type": "string", "description": "The worker's id, for its heartbeats."},
+                "heartbeat_interval": {"type": "number", "description": "Send a heartbeat this often (seconds)."},
+            },
+        },
+        "Job": job,
+        "JobList": {
+            "type": "object",
+            "required": ["jobs"],
+            "properties": {"jobs": {"type": "array", "items": _ref("Job"), "description": "Newest first."}},
+        },
+    }
+    return schemas
+
+
+def _body_errors(route: str) -> dict[str, Any]:
+    return {
+        "400": _error(
+            f"The body is not a JSON object (`invalid_json`) or a field is missing or wrong (`bad_request`, "
+            f"`param` names it){route}."
+        ),
+        "413": _error("The body is larger than 64 KiB (`body_too_large`)."),
+    }
+
+
+_WORKER_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "A worker's id, as `GET /api/workers` lists it.",
+    "schema": {"type": "string"},
+}
+
+
+def _worker_paths() -> dict[str, Any]:
+    accepted = {"description": "The worker's id and heartbeat interval.", "content": _json(_ref("WorkerAccepted"))}
+    return {
+        "/api/workers": {
+            "get": {
+                "summary": "The rpc workers the daemon knows",
+                "operationId": "listWorkers",
+                "tags": ["workers"],
+                "responses": {
+                    "200": {
+                        "description": "Every worker: local, registered or listed in a model's config.",
+                        "content": _json(_ref("WorkerList")),
+                    }
+                },
+            }
+        },
+        "/api/workers/register": {
+            "post": {
+                "summary": "Register an rpc worker",
+                "description": "Adds the worker (or updates it, keeping its id; a lost one is ready again, for "
+                "the next load of a model). It must then send a heartbeat every `heartbeat_interval` seconds.",
+                "operationId": "registerWorker",
+                "tags": ["workers"],
+                "requestBody": {"required": True, "content": _json(_ref("WorkerRegistration"))},
+                "responses": {
+                    "200": accepted,
+                    **_body_errors(", or the daemon cannot reach the worker at its address (`param`: `address`)"),
+                    "503": _error(
+                        "The registry is full (`too_many_workers`), or see the gate.", retry_after=False
+                    ),
+                },
+            }
+        },
+        "/api/workers/heartbeat": {
+            "post": {
+                "summary": "A registered worker's heartbeat",
+                "operationId": "workerHeartbeat",
+                "tags": ["workers"],
+                "requestBody": {"required": True, "content": _json(_ref("WorkerHeartbeat"))},
+                "responses": {
+                    "200": accepted,
+                    **_body_errors(""),
+                    "404": _error(
+                        "No worker has that id, or it was evicted (`worker_not_found`): register again."
+                    ),
+                },
+            }
+        },
+        "/api/workers/{id}": {
+            "delete": {
+                "summary": "Evict an rpc worker",
+                "description": "Marks the worker lost; a model using it reshards its streams onto the others.",
+                "operationId": "evictWorker",
+                "tags": ["workers"],
+                "parameters": [_WORKER_ID],
+                "responses": {
+                    "200": {"description": "The worker, now lost.", "content": _json(_ref("Worker"))},
+                    "404": _error("No worker has that id (`worker_not_found`)."),
+                },
+            }
+        },
+        "/api/jobs": {
+            "get": {
+                "summary": "Recent requests",
+                "operationId": "listJobs",
+                "tags": ["workers"],
+                "responses": {
+                    "200": {
+                        "description": "The last requests: model, route, outcome, tokens, layout and reshards.",
+                        "content": _json(_ref("JobList")),
+                    }
+                },
+            }
+        },
+    }
+
+
 def _schemas() -> dict[str, Any]:
-    status = ModelStatus.model_json_schema(mode="serialization", ref_template="#/components/schemas/{model}")
+    status = ModelStatus.model_json_schema(mode="serialization", ref_template=_TEMPLATE)
     schemas: dict[str, Any] = status.pop("$defs", {})
     schemas["ModelStatus"] = status
+    schemas |= _worker_schemas()
     schemas |= {
         "Error": {
             "type": "object",
@@ -295,6 +511,7 @@ def _build() -> dict[str, Any]:
         "tags": [
             {"name": "OpenAI", "description": "OpenAI-compatible routes."},
             {"name": "management", "description": "The daemon's own routes."},
+            {"name": "workers", "description": "The rpc workers of sharded models, and recent requests."},
         ],
         "paths": {
             "/v1/models": {
@@ -360,6 +577,7 @@ def _build() -> dict[str, Any]:
                 "unload",
                 "Stop the model's llama-server once its requests in flight are done.",
             ),
+            **_worker_paths(),
             "/health": {
                 "get": {
                     "summary": "Whether the daemon serves",
