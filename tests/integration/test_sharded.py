@@ -313,3 +313,13 @@ async def test_a_cut_link_mid_stream_reshards_onto_the_survivors(
             assert ids == ref
             assert [r.lost for r in stream.reshards] == [[address]]
             assert [s.address for s in model.layout] == [local[0].address]
+
+
+async def test_workers_it_starts_itself_are_stopped_with_it(sharded_model: Path) -> None:
+    ref = await reference(sharded_model, 48)
+    async with await llamaproc.load_model(sharded_model, workers=2) as model:
+        assert len(model.layout) == 2
+        pids = [p.pid for p in psutil.Process().children() if "rpc-server" in " ".join(p.cmdline())]
+        assert len(pids) == 2
+        assert (await model.complete(PROMPT, max_tokens=48)).token_ids == ref
+    assert leftover(pids) == []

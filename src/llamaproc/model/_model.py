@@ -360,7 +360,7 @@ async def load_model(
     grace: float = 5.0,
     log_output: bool | logging.Logger = False,
     request_timeout: float | None = None,
-    workers: Sequence[Any] | None = None,
+    workers: Sequence[Any] | int | None = None,
     split: str | Sequence[float] = "capacity",
     min_workers: int = 1,
     stall_timeout: float = 10.0,
@@ -380,7 +380,8 @@ async def load_model(
     type or value raises :class:`InvalidArgumentError` before anything starts.
 
     ``workers`` splits the model by layers over rpc workers (``"host:port"``
-    addresses and/or :class:`RpcWorker` objects from :func:`start_worker`):
+    addresses and/or :class:`RpcWorker` objects from :func:`start_worker`, or
+    a number of local workers to start, owned by the model):
     the result is a sharded model (see :class:`ShardedModel`) with ``split``
     (``"capacity"``: by each worker's free memory, ``"uniform"``, or one
     weight per worker), ``min_workers``, ``stall_timeout`` and
@@ -436,7 +437,7 @@ async def load_model(
 
         return await load_sharded(
             launch, workers=workers, split=split, min_workers=min_workers, stall_timeout=stall_timeout,
-            max_reshards=max_reshards, parallel=parallel,
+            max_reshards=max_reshards, parallel=parallel, threads=threads,
         )  # fmt: skip
     process, client, api_key = await launch.start()
     return TextModel(process, client, path=model_path, backend=backend, api_key=api_key)

@@ -53,7 +53,7 @@ from ..errors import (
     WorkersLostError,
     WorkerUnreachableError,
 )
-from ..process import ServerProcess, parse_address, probe_worker
+from ..process import RpcWorker, ServerProcess, parse_address, probe_worker, start_worker
 from ..protocol import (
     MAX_TOKENS,
     STREAM_PATHS,
@@ -325,6 +325,7 @@ class ShardedModel(TextModel):
         self._lost: list[str] = []
         self._reported_cpu: dict[str, float] = {}
         self._last_lost: list[str] = []
+        self._owned: list[RpcWorker] = []  # local workers it started itself (``workers=N``)
         #: Every recovery of this model so far, oldest first.
         self.reshards: list[Reshard] = []
         # Streams cut by a recovery rebuild their context one at a time, each on its own slot; new
@@ -586,10 +587,14 @@ class ShardedModel(TextModel):
     async def close(self) -> None:
         """Stop the coordinator; the workers it used are free for another model (started ones keep running)."""
         self._stop_watch.set()
-        try:
-            await super().close()
-        finally:
-            _release([m.address for m in self._members], self)
+        with anyio.CancelScope(shield=True):
+            try:
+                await super().close()
+            finally:
+                _release([m.address for m in self._members], self)
+                owned, self._owned = self._owned, []
+                for worker in owned:
+                    await worker.close()
 
 
 def _watch(ref: weakref.ref[ShardedModel], stop: threading.Event, stall_timeout: float) -> None:
@@ -901,8 +906,31 @@ async def load_sharded(
     stall_timeout: object,
     max_reshards: object,
     parallel: int,
+    threads: int | None = None,
 ) -> ShardedModel:
-    """:func:`~llamaproc.load_model` with ``workers=``: probe the workers, start the coordinator, read its layout."""
+    """:func:`~llamaproc.load_model` with ``workers=``: probe the workers, start the coordinator, read its layout.
+
+    ``workers`` as an int starts that many local workers that the model owns (and stops when it closes).
+    """
+    if isinstance(workers, int) and not isinstance(workers, bool):
+        if workers < 1:
+            raise InvalidArgumentError(f"workers must be at least 1, not {workers}", param="workers")
+        _check_split(split, workers)
+        owned: list[RpcWorker] = []
+        try:
+            for _ in range(workers):
+                owned.append(await start_worker(threads=threads, binary=launch.backend.binary))
+            model = await load_sharded(
+                launch, workers=owned, split=split, min_workers=min_workers, stall_timeout=stall_timeout,
+                max_reshards=max_reshards, parallel=parallel, threads=threads,
+            )  # fmt: skip
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for started in owned:
+                    await started.close()
+            raise
+        model._owned = owned
+        return model
     members = _check_workers(workers)
     weights = _check_split(split, len(members))
     if weights is not None:
