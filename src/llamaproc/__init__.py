@@ -42,9 +42,13 @@ from .errors import (
     StreamError,
     TransportError,
     UsageError,
+    WorkerBusyError,
+    WorkerError,
+    WorkersLostError,
+    WorkerUnreachableError,
 )
 from .model import TextModel, load_model
-from .process import ServerProcess
+from .process import RpcWorker, ServerProcess, parse_address, probe_worker, start_worker
 from .runtime import (
     Condition,
     ModelConfig,
@@ -56,7 +60,7 @@ from .runtime import (
     Supervisor,
     load_config,
 )
-from .types import Completion, GGUFInfo, Health, ModelInfo, RequestMetrics, Timings, Token, Usage
+from .types import Completion, Device, GGUFInfo, Health, ModelInfo, RequestMetrics, Timings, Token, Usage
 
 __version__ = "0.1.0"
 
@@ -71,6 +75,7 @@ __all__ = [
     "DaemonError",
     "DaemonNotRunningError",
     "DaemonRequestError",
+    "Device",
     "GGUFInfo",
     "Health",
     "IncompleteStreamError",
@@ -91,6 +96,7 @@ __all__ = [
     "ProcessError",
     "QueueFullError",
     "RequestMetrics",
+    "RpcWorker",
     "ServeConfig",
     "ServerCrashedError",
     "ServerError",
@@ -111,12 +117,19 @@ __all__ = [
     "TransportError",
     "Usage",
     "UsageError",
+    "WorkerBusyError",
+    "WorkerError",
+    "WorkerUnreachableError",
+    "WorkersLostError",
     "__version__",
     "discover",
     "find_backend",
     "load_config",
     "load_model",
+    "parse_address",
+    "probe_worker",
     "read_gguf_info",
+    "start_worker",
 ]
 
 # Tracebacks and reprs read `llamaproc.X`, not `llamaproc._module.X`.
