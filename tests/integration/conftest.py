@@ -44,8 +44,14 @@ def tiny_embedding_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _llama_children() -> set[int]:
+    """This process's llama-server and rpc-server (``ggml-rpc-server``) descendants."""
     me = psutil.Process()
-    return {p.pid for p in me.children(recursive=True) if "llama-server" in " ".join(_cmdline(p))}
+    found = set()
+    for p in me.children(recursive=True):
+        cmdline = " ".join(_cmdline(p))
+        if "llama-server" in cmdline or "rpc-server" in cmdline:
+            found.add(p.pid)
+    return found
 
 
 def _cmdline(p: psutil.Process) -> list[str]:
@@ -57,7 +63,7 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def no_leftover_servers() -> Iterator[None]:
-    """Every test must leave no llama-server child of this process behind."""
+    """Every test must leave no llama-server or rpc-server child of this process behind."""
     before = _llama_children()
     yield
     left = _llama_children() - before
@@ -66,4 +72,4 @@ def no_leftover_servers() -> Iterator[None]:
             psutil.Process(pid).kill()
         except psutil.Error:
             pass
-    assert not left, f"llama-server children left running: {sorted(left)}"
+    assert not left, f"llama-server or rpc-server children left running: {sorted(left)}"

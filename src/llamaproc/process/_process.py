@@ -280,18 +280,20 @@ def _kill(popen: subprocess.Popen[bytes]) -> bool:
         try:
             popen.wait(_KILL_WAIT)
         except subprocess.TimeoutExpired:
-            _log.warning("llama-server pid %d is not gone %.1f s after SIGKILL", popen.pid, _KILL_WAIT)
+            _log.warning("child pid %d is not gone %.1f s after SIGKILL", popen.pid, _KILL_WAIT)
     return running
 
 
-def _finalize(popen: subprocess.Popen[bytes], _warn: Callable[..., None] = warnings.warn) -> None:
-    """Kill the child of a ServerProcess dropped without stop() (its weakref.finalize callback)."""
+def _finalize(
+    popen: subprocess.Popen[bytes],
+    _warn: Callable[..., None] = warnings.warn,
+    *,
+    what: str = "unstopped ServerProcess",
+    advice: str = "call stop() (or close the model) when done with it",
+) -> None:
+    """Kill the child of an owner dropped without being stopped (its weakref.finalize callback)."""
     if _kill(popen):
-        _warn(
-            f"unstopped ServerProcess pid {popen.pid}: its process group was killed; "
-            "call stop() (or close the model) when done with it",
-            ResourceWarning,
-        )
+        _warn(f"{what} pid {popen.pid}: its process group was killed; {advice}", ResourceWarning)
 
 
 async def _reap_killed(popen: subprocess.Popen[bytes]) -> None:
@@ -306,40 +308,32 @@ async def _reap_killed(popen: subprocess.Popen[bytes]) -> None:
         popen.stdout.close()
 
 
-def _drain(owner: weakref.ref[ServerProcess], stdout: IO[bytes], output: OutputBuffer,
-           logger: logging.Logger | None, pid: int) -> None:
-    """Read the child's output until the pipe closes (the output thread's body).
+def _read_output(stdout: IO[bytes], output: OutputBuffer, logger: logging.Logger | None, pid: int,
+                 on_piece: Callable[[bytes, bool], None] | None = None) -> None:
+    """Read the child's output until the pipe closes, then close it (the body of an output thread).
 
     Reads at most ``_READ_LIMIT`` bytes at a time. Of a longer line, the
     first piece is kept and the rest read and dropped up to its newline, so
-    memory stays bounded whatever the child prints; every piece counts as
-    progress. The thread holds its ServerProcess only weakly, so that one
-    dropped without stop() can be collected and its finalizer can kill the
-    child.
+    memory stays bounded whatever the child prints. Kept lines go to
+    ``output`` and to ``logger``; ``on_piece(raw, kept)`` is called for every
+    piece read. Holds nothing of the child's owner, so that an owner dropped
+    without being stopped can be collected and its finalizer kill the child.
     """
-    listening = False
     in_long_line = False  # reading the rest of a line longer than _READ_LIMIT
     try:
         while raw := stdout.readline(_READ_LIMIT):
-            dropped = in_long_line
+            kept = not in_long_line
             in_long_line = not raw.endswith(b"\n")
-            address: tuple[str, int] | None = None
-            if not dropped:
+            if kept:
                 output.append(raw)
-                if not listening:
-                    m = _LISTENING.search(raw)
-                    if m:
-                        # The log's address wins over the one found by the socket probe: llama-server
-                        # prints it once the model is loaded, when it is ready to serve.
-                        listening = True
-                        address = (_connect_host(m.group(1).decode("ascii", "replace")), int(m.group(2)))
                 if logger is not None:
                     level = logging.INFO
                     parts = raw.split(None, 2)
                     if len(parts) >= 2 and parts[1] in _LEVELS:
                         level = _LEVELS[parts[1]]
                     logger.log(level, "[%d] %s", pid, raw.rstrip().decode("utf-8", "replace"))
-            _report(owner, address)
+            if on_piece is not None:
+                on_piece(raw, kept)
     except (OSError, ValueError):
         pass
     finally:
@@ -347,6 +341,33 @@ def _drain(owner: weakref.ref[ServerProcess], stdout: IO[bytes], output: OutputB
             stdout.close()
         except OSError:
             pass
+
+
+def _drain(owner: weakref.ref[ServerProcess], stdout: IO[bytes], output: OutputBuffer,
+           logger: logging.Logger | None, pid: int) -> None:
+    """Read a llama-server's output until the pipe closes (its output thread's body).
+
+    Every piece read counts as progress; the ``listening on`` line gives the
+    address. The thread holds its ServerProcess only weakly (see
+    :func:`_read_output`).
+    """
+    listening = False
+
+    def on_piece(raw: bytes, kept: bool) -> None:
+        nonlocal listening
+        address: tuple[str, int] | None = None
+        if kept and not listening:
+            m = _LISTENING.search(raw)
+            if m:
+                # The log's address wins over the one found by the socket probe: llama-server
+                # prints it once the model is loaded, when it is ready to serve.
+                listening = True
+                address = (_connect_host(m.group(1).decode("ascii", "replace")), int(m.group(2)))
+        _report(owner, address)
+
+    try:
+        _read_output(stdout, output, logger, pid, on_piece)
+    finally:
         proc = owner()
         if proc is not None:
             proc._wake()
@@ -668,15 +689,7 @@ class ServerProcess:
         _send(self._popen, sig)
 
     async def _wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while self._poll() is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            await anyio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.02)
-        return True
+        return await _exits_within(self._poll, timeout)
 
     async def stop(self, *, grace: float | None = None) -> int | None:
         """Stop the child: SIGTERM to its process group, again after 0.2 s, SIGKILL after ``grace`` s.
@@ -721,30 +734,7 @@ class ServerProcess:
         On Linux a pidfd wakes the wait the moment the child exits; elsewhere
         the status is polled every 50 ms. Cancellable.
         """
-        code = self.returncode
-        if code is not None:
-            return code
-        fd = -1
-        pidfd_open = getattr(os, "pidfd_open", None)
-        if pidfd_open is not None:
-            # No await between the returncode check and here: the pid is still our unreaped child.
-            try:
-                fd = pidfd_open(self.pid)
-            except OSError:
-                fd = -1
-        if fd >= 0:
-            try:
-                await anyio.wait_readable(fd)
-            finally:
-                os.close(fd)
-            delay = 0.001
-            while (code := self.returncode) is None:  # readable means exited; reaping follows at once
-                await anyio.sleep(delay)
-                delay = min(delay * 2, _POLL_INTERVAL)
-            return code
-        while (code := self.returncode) is None:
-            await anyio.sleep(_POLL_INTERVAL)
-        return code
+        return await _wait_exited(self.pid, self._poll)
 
     def kill(self) -> None:
         """SIGKILL the child's process group at once (a hung server), without waiting: for the event loop.
@@ -760,11 +750,7 @@ class ServerProcess:
         Growing CPU time tells a busy server (a long prompt being processed)
         from a hung one.
         """
-        try:
-            cpu = psutil.Process(self.pid).cpu_times()
-        except (psutil.Error, OSError):
-            return None
-        return float(cpu.user + cpu.system)
+        return _cpu_seconds(self.pid)
 
     def kill_and_reap(self) -> int | None:
         """SIGKILL the child's process group now and reap the child; return its exit status.
@@ -780,6 +766,60 @@ class ServerProcess:
             _kill(self._popen)
             self._group_killed = True
         return self._poll()
+
+
+async def _wait_exited(pid: int, poll: Callable[[], int | None]) -> int:
+    """Wait until ``poll()`` (the child's status, reaping it) gives its exit status.
+
+    On Linux a pidfd wakes the wait the moment the child exits; elsewhere the
+    status is polled every 50 ms. Cancellable.
+    """
+    code = poll()
+    if code is not None:
+        return code
+    fd = -1
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        # No await between the poll and here: the pid is still our unreaped child.
+        try:
+            fd = pidfd_open(pid)
+        except OSError:
+            fd = -1
+    if fd >= 0:
+        try:
+            await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+        delay = 0.001
+        while (code := poll()) is None:  # readable means exited; reaping follows at once
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _POLL_INTERVAL)
+        return code
+    while (code := poll()) is None:
+        await anyio.sleep(_POLL_INTERVAL)
+    return code
+
+
+async def _exits_within(poll: Callable[[], int | None], timeout: float) -> bool:
+    """Whether ``poll()`` (the child's status, reaping it) shows an exit within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while poll() is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        await anyio.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.02)
+    return True
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """The CPU time (user + system) of process ``pid`` so far, ``None`` once it is gone."""
+    try:
+        cpu = psutil.Process(pid).cpu_times()
+    except (psutil.Error, OSError):
+        return None
+    return float(cpu.user + cpu.system)
 
 
 def _connect_host(host: str) -> str:

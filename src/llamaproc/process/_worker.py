@@ -294,7 +294,10 @@ async def _close(stream: anyio.abc.SocketStream, *, reset: bool) -> None:
         if raw is not None:
             with contextlib.suppress(OSError):
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    await anyio.aclose_forcefully(stream)
+    # Shielded rather than cancelled (aclose_forcefully): closing a socket takes no time, and on asyncio a
+    # cancellation leaves the task holding a CancelledError whose traceback keeps the caller's frames alive.
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()
 
 
 # -- the worker process -----------------------------------------------------------------------------
@@ -514,6 +517,14 @@ def _free_port(host: str) -> int:
         raise StartupError(f"cannot listen on {host}: {exc.strerror or exc}", returncode=None, output="") from exc
 
 
+def _default_threads() -> int:
+    """The CPU device's threads when none are given: one per physical core, as llama-server does.
+
+    (rpc-server's own default is a single thread.)
+    """
+    return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
 def _check_start_options(host: str, port: int | None, threads: int | None, startup_timeout: float) -> None:
     if not isinstance(host, str) or _HOST.fullmatch(host) is None:
         why = (
@@ -579,8 +590,8 @@ async def start_worker(
     network only where that network is trusted. ``port`` ``None`` picks a
     free port (and another, a few times, if it is taken before the worker
     binds it); a given port that cannot be bound raises :class:`StartupError`
-    naming it. ``threads`` is the CPU device's thread count (rpc-server's
-    default: 1). ``binary`` is an rpc-server, or a llama-server with one
+    naming it. ``threads`` is the CPU device's thread count (default: one per
+    physical core, as llama-server uses; rpc-server's own default is 1). ``binary`` is an rpc-server, or a llama-server with one
     beside it; ``None`` takes the one beside :func:`find_backend`'s
     llama-server. ``env`` is added to this process's environment and the
     backend's (``GGML_NO_BACKTRACE=1`` is set too, so that a crash ends at
@@ -601,9 +612,7 @@ async def start_worker(
     for _ in range(attempts):
         chosen = port if port is not None else _free_port(host)
         tried.append(chosen)
-        argv = [os.fspath(rpc), "-H", host, "-p", str(chosen)]
-        if threads is not None:
-            argv += ["-t", str(threads)]
+        argv = [os.fspath(rpc), "-H", host, "-p", str(chosen), "-t", str(threads or _default_threads())]
         worker = await _spawn(argv, host=host, port=chosen, env=child_env, logger=logger)
         try:
             await worker._wait_ready(deadline, startup_timeout)
