@@ -22,9 +22,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import llamaproc
 from llamaproc import Device, InvalidArgumentError, WorkerUnreachableError, probe_worker
-from llamaproc.process import parse_address
 from llamaproc.errors import BinaryNotFoundError, StartupError, StartupTimeoutError
-from llamaproc.process import _worker
+from llamaproc.process import _worker, parse_address
 
 Handler = Callable[[anyio.abc.SocketStream], Awaitable[None]]
 

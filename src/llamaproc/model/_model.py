@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 import anyio
+import httpx
 
 from ..backend import Backend, find_backend, read_gguf_info
 from ..client import DEFAULT_TIMEOUT, LlamaClient, TokenStream
