@@ -433,7 +433,7 @@ class ShardedModel(TextModel):
                 self._next_slot = 0
                 if not self._resuming:
                     self._serving.set()
-            _log.warning("%s resharded in %.3f s (%s): lost %s, layout %s", self.path.name,
+            _log.info("%s resharded in %.3f s (%s): lost %s, layout %s", self.path.name,
                          time.monotonic() - started, reason, self._lost, self._layout)
 
     async def _replace(self, reason: str, evict: Sequence[str]) -> None:
@@ -491,7 +491,7 @@ class ShardedModel(TextModel):
             try:
                 results[m.address] = await probe_worker(m.address, timeout=PROBE_TIMEOUT)
             except WorkerUnreachableError as exc:
-                _log.warning("worker %s is lost: %s", m.address, exc)
+                _log.info("worker %s is lost: %s", m.address, exc)
                 results[m.address] = None
 
         async with anyio.create_task_group() as tg:
