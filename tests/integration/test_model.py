@@ -607,7 +607,10 @@ async def test_repr_and_properties(tiny_model: Path) -> None:
         assert model.base_url.startswith("http://127.0.0.1:")
         assert str(model.pid) in repr(model)
         assert model.returncode is None and not model.closed
-        assert "listening on" in model.output
+        # Readiness may be seen on the socket before the output thread has read the log that far.
+        with anyio.fail_after(30):
+            while "listening on" not in model.output:
+                await anyio.sleep(0.01)
     assert model.closed and model.returncode is not None
 
 

@@ -75,6 +75,8 @@ _log = logging.getLogger("llamaproc")
 LOAD_PROBE_TIMEOUT = 3.0
 #: ... and after a failure: a worker that does not answer within it is lost.
 PROBE_TIMEOUT = 1.0
+#: How long the coordinator's log may lag behind its readiness (its output is read by a thread).
+_LOG_WAIT = 5.0
 #: CPU seconds the model (coordinator and local workers) must use, as a fraction of the half stall
 #: timeout, to count as computing rather than hung when no token came.
 STALL_CPU_FRACTION = 0.05
@@ -888,6 +890,10 @@ async def _start_coordinator(
     process, client, api_key = await launch.start(extra, {"GGML_NO_BACKTRACE": "1"})
     if not members:
         return process, client, api_key, [], []
+    # Ready may be seen on its socket before the output thread has read the log up to there.
+    with anyio.move_on_after(_LOG_WAIT):
+        while not any("listening on" in line for line in process.output.lines()[-40:]):
+            await anyio.sleep(0.005)
     layout, missing = read_layout(process.output.lines(), addresses, weights, None)
     if not layout and not missing:
         await client.aclose()
