@@ -25,7 +25,16 @@ from typing import Any
 
 import psutil
 
-__all__ = ["Daemon", "llama_servers_of", "running_daemon", "start_daemon", "stop_daemon", "write_config"]
+__all__ = [
+    "Daemon",
+    "Worker",
+    "llama_servers_of",
+    "running_daemon",
+    "running_worker",
+    "start_daemon",
+    "stop_daemon",
+    "write_config",
+]
 
 
 @dataclass
@@ -192,3 +201,50 @@ def running_daemon(config: Path, state_dir: Path, **kwargs: Any) -> Iterator[Dae
                 stop_daemon(daemon, timeout=30.0)
             except RuntimeError:
                 pass
+
+
+@dataclass
+class Worker:
+    """A running ``llamaproc worker`` subprocess and the address of its rpc-server."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    stderr_path: Path
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_worker(tmp: Path, *args: str, env: Mapping[str, str] | None = None) -> Iterator[Worker]:
+    """``python -m llamaproc worker ARGS`` (an rpc-server on a free port); stopped with SIGTERM on exit.
+
+    Its first line of output names the address: ``llamaproc worker: serving at HOST:PORT (pid N)``.
+    """
+    stderr_path = tmp / f"worker-{time.monotonic_ns()}.stderr"
+    with open(stderr_path, "wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llamaproc", "worker", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline().decode()
+        if "serving at " not in first:
+            process.wait(30)
+            raise RuntimeError(f"llamaproc worker did not start: {first!r}\n{stderr_path.read_text()}")
+        address = first.split("serving at ", 1)[1].split()[0]
+        yield Worker(process, address, stderr_path)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stdout is not None:
+            process.stdout.close()

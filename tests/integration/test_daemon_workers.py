@@ -1,20 +1,21 @@
 """The rpc worker routes of a real ``llamaproc serve``: register, list, heartbeat, evict, the job log,
 the metrics, the key gate, and ``register_and_heartbeat`` talking to it.
 
-No rpc-server is needed: the daemon records what workers tell it (the probe of
-a registering worker is a hook the sharded model wires). The model file is never
-loaded.
+The daemon probes a registering worker (a real RPC exchange), so the
+addresses registered are those of real rpc-servers (``llamaproc worker``
+subprocesses). The model file is never loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from daemon_helpers import Daemon, running_daemon, write_config
+from daemon_helpers import Daemon, running_daemon, running_worker, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamaproc.cli._register import register_and_heartbeat
@@ -38,6 +39,14 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert started.returncode == 0, started.stderr()
 
 
+@pytest.fixture(scope="module")
+def rpc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """The addresses of three running rpc workers."""
+    tmp = tmp_path_factory.mktemp("rpc")
+    with running_worker(tmp) as a, running_worker(tmp) as b, running_worker(tmp) as c:
+        yield [a.address, b.address, c.address]
+
+
 @pytest.fixture
 def http(daemon: Daemon) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=daemon.http, headers=AUTH, timeout=30) as client:
@@ -50,30 +59,31 @@ def _workers(http: httpx.Client) -> dict[str, dict[str, Any]]:
     return {w["address"]: w for w in answer.json()["workers"]}
 
 
-def test_register_list_heartbeat_evict(http: httpx.Client) -> None:
-    body = {"address": "10.1.0.1:50052", "devices": [GPU.to_json()], "cpu_seconds": 0.25}
+def test_register_list_heartbeat_evict(http: httpx.Client, rpc: list[str]) -> None:
+    address = rpc[0]
+    body = {"address": address, "devices": [GPU.to_json()], "cpu_seconds": 0.25}
     registered = http.post("/api/workers/register", json=body)
     assert registered.status_code == 200, registered.text
     worker_id = registered.json()["id"]
     assert registered.json()["heartbeat_interval"] > 0
-    worker = _workers(http)["10.1.0.1:50052"]
+    worker = _workers(http)[address]
     assert worker["id"] == worker_id and worker["state"] == "ready" and worker["source"] == "registered"
     assert worker["devices"] == [GPU.to_json()] and worker["cpu_seconds"] == 0.25
 
     beat = http.post("/api/workers/heartbeat", json={"id": worker_id, "cpu_seconds": 1.0})
     assert beat.status_code == 200 and beat.json()["id"] == worker_id
-    assert _workers(http)["10.1.0.1:50052"]["cpu_seconds"] == 1.0
+    assert _workers(http)[address]["cpu_seconds"] == 1.0
 
     evicted = http.delete(f"/api/workers/{worker_id}")
     assert evicted.status_code == 200 and evicted.json()["state"] == "lost"
-    assert _workers(http)["10.1.0.1:50052"]["state"] == "lost"
+    assert _workers(http)[address]["state"] == "lost"
     refused = http.post("/api/workers/heartbeat", json={"id": worker_id})
     assert refused.status_code == 404 and refused.json()["error"]["code"] == "worker_not_found"
     assert http.delete(f"/api/workers/{worker_id}x").status_code == 404
 
     again = http.post("/api/workers/register", json=body)
     assert again.status_code == 200 and again.json()["id"] == worker_id
-    assert _workers(http)["10.1.0.1:50052"]["state"] == "ready"
+    assert _workers(http)[address]["state"] == "ready"
 
 
 @pytest.mark.parametrize(
@@ -107,17 +117,26 @@ def test_the_routes_need_the_key(daemon: Daemon) -> None:
             assert answer.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_jobs_and_metrics(http: httpx.Client) -> None:
+def test_jobs_and_metrics(http: httpx.Client, rpc: list[str]) -> None:
     assert http.get("/api/jobs").json() == {"jobs": []}
-    registered = http.post("/api/workers/register", json={"address": "10.1.0.9:1"})
+    registered = http.post("/api/workers/register", json={"address": rpc[2]})
     worker_id = registered.json()["id"]
     states = {}
     for family in text_string_to_metric_families(http.get("/metrics").text):
         for sample in family.samples:
-            if sample.name == "llamaproc_worker_state" and sample.labels["worker"] == "10.1.0.9:1":
+            if sample.name == "llamaproc_worker_state" and sample.labels["worker"] == rpc[2]:
                 states[sample.labels["state"]] = sample.value
     assert states == {"ready": 1.0, "in use": 0.0, "lost": 0.0}
     http.delete(f"/api/workers/{worker_id}")
+
+
+def test_a_worker_that_does_not_answer_is_refused(http: httpx.Client, tmp_path: Path) -> None:
+    with running_worker(tmp_path) as worker:
+        address = worker.address
+    refused = http.post("/api/workers/register", json={"address": address})  # nothing listens there any more
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "address" and address in refused.json()["error"]["message"]
+    assert address not in _workers(http)
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -126,8 +145,8 @@ async def _until(condition: Callable[[], bool]) -> None:
             await anyio.sleep(0.05)
 
 
-def test_register_and_heartbeat_against_the_daemon(daemon: Daemon, http: httpx.Client) -> None:
-    address = "10.1.0.2:50052"
+def test_register_and_heartbeat_against_the_daemon(daemon: Daemon, http: httpx.Client, rpc: list[str]) -> None:
+    address = rpc[1]
     cpu = iter(range(1, 10**6))
 
     def listed() -> dict[str, Any] | None:

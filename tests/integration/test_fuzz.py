@@ -34,7 +34,7 @@ import httpx
 import psutil
 import pytest
 import schemathesis
-from daemon_helpers import Daemon, llama_servers_of, start_daemon, stop_daemon, write_config
+from daemon_helpers import Daemon, llama_servers_of, running_worker, start_daemon, stop_daemon, write_config
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -202,12 +202,18 @@ def test_the_served_document_lists_every_route(daemon: Daemon) -> None:
     assert labels == [*OPERATIONS, "GET /openapi.json"]
 
 
-def _with_worker(daemon: Daemon, case: schemathesis.Case) -> None:
-    """Make ``case`` name a valid worker address, or the id of a registered (and not evicted) worker.
+@pytest.fixture(scope="module")
+def rpc_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The address of a running rpc worker: the daemon probes a registering worker."""
+    with running_worker(tmp_path_factory.mktemp("rpc")) as worker:
+        yield worker.address
+
+
+def _with_worker(daemon: Daemon, case: schemathesis.Case, address: str) -> None:
+    """Make ``case`` name the running worker's address, or the id of a registered (and not evicted) worker.
 
     Only a value that the document allows is replaced: an invalid one is what a negative case tests.
     """
-    address = "10.9.0.1:50052"
     given = case.body.get("address") if isinstance(case.body, dict) else None
     if isinstance(given, str) and len(given) <= 300 and re.fullmatch(r"(\[[^\[\]]+\]|[^:\[\]]+):[0-9]{1,5}", given):
         case.body["address"] = address
@@ -223,7 +229,7 @@ def _with_worker(daemon: Daemon, case: schemathesis.Case) -> None:
 
 
 @pytest.mark.parametrize("label", OPERATIONS)
-def test_fuzz_http(daemon: Daemon, api: schemathesis.BaseSchema, label: str) -> None:
+def test_fuzz_http(daemon: Daemon, api: schemathesis.BaseSchema, label: str, rpc_worker: str) -> None:
     method, path = label.split(" ")
     operation = api[path][method]
     modes = [GenerationMode.POSITIVE]
@@ -243,7 +249,7 @@ def test_fuzz_http(daemon: Daemon, api: schemathesis.BaseSchema, label: str) -> 
             if case.path_parameters and "name" in case.path_parameters:
                 case.path_parameters["name"] = name
             if path.startswith("/api/workers/"):
-                _with_worker(daemon, case)
+                _with_worker(daemon, case, rpc_worker)
         response = case.call(base_url=daemon.http, timeout=TIMEOUT)  # the whole body, streamed or not
         statuses[response.status_code] += 1
         case.validate_response(

@@ -6,6 +6,7 @@
 ``llamaproc serve --config F``   run the multi-model daemon (OpenAI HTTP + Unix socket)
 ``llamaproc chat MODEL [PROMPT]``  chat with a model, directly or through the daemon (``--daemon``)
 ``llamaproc ps`` / ``llamaproc stop``  the running daemon's models / stop it
+``llamaproc worker [--register URL]``  run an rpc worker (``ggml-rpc-server``) a daemon can shard models over
 """
 
 from __future__ import annotations
@@ -98,6 +99,59 @@ def _discover(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The environment variable ``llamaproc worker`` takes the daemon's API key from when ``--api-key`` is not given.
+API_KEY_ENV = "LLAMAPROC_API_KEY"
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    """Run an rpc worker in the foreground until SIGINT or SIGTERM; with ``--register``, keep a daemon informed."""
+    import ipaddress
+
+    from ..process import start_worker
+
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(
+            f"llamaproc worker: warning: listening on {args.host}: rpc-server has no authentication:"
+            " keep workers on a trusted network",
+            file=sys.stderr,
+        )
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with await start_worker(host=args.host, port=args.port, threads=args.threads) as worker:
+            _write(f"llamaproc worker: serving at {worker.address} (pid {worker.pid})\n")
+            for device in worker.devices:
+                _write(f"  {device.name}: {device.free / 2**20:.0f} MiB free of {device.total / 2**20:.0f} MiB\n")
+            async with anyio.create_task_group() as tg:
+                if args.register is not None:
+                    from ._register import register_and_heartbeat
+
+                    tg.start_soon(
+                        lambda: register_and_heartbeat(
+                            args.register, api_key=api_key, address=worker.address, devices=worker.devices,
+                            cpu_seconds=worker.cpu_seconds,
+                        )  # fmt: skip
+                    )
+
+                async def died() -> None:
+                    await worker.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(died)
+                async for signum in signals:
+                    print(f"llamaproc worker: {signal.Signals(signum).name} received, stopping", file=sys.stderr)
+                    break
+                tg.cancel_scope.cancel()
+            if worker.returncode is not None:
+                print(f"llamaproc worker: rpc-server exited with code {worker.returncode}:\n"
+                      f"{worker.output.summary()}", file=sys.stderr)  # fmt: skip
+                return 1
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaproc", description="Supervise llama.cpp's llama-server.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log llama-server's output to stderr")
@@ -135,6 +189,16 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--binary", default=None, help="llama-server to use (without --daemon)")
 
+    worker = sub.add_parser("worker", help="run an rpc worker in the foreground for sharded models")
+    worker.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (rpc-server has no authentication: trusted networks only)")
+    worker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    worker.add_argument("--threads", type=int, default=None, help="CPU threads of the rpc-server")
+    worker.add_argument("--register", default=None, metavar="URL",
+                        help="register with the daemon at URL (http://HOST:PORT) and send it heartbeats")
+    worker.add_argument("--api-key", default=None,
+                        help=f"the daemon's API key (default: ${API_KEY_ENV})")
+
     for name, text in (("ps", "list the running daemon's models"), ("stop", "stop the running daemon")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--state-dir", default=None)
@@ -163,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_demo, args)
         if args.command == "discover":
             return _discover(args)
+        if args.command == "worker":
+            return anyio.run(_worker, args)
         if args.command == "serve":
             try:
                 from ..serve import cmd_serve

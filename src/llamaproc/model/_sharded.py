@@ -80,6 +80,8 @@ _LOG_WAIT = 5.0
 #: CPU seconds the model (coordinator and local workers) must use, as a fraction of the half stall
 #: timeout, to count as computing rather than hung when no token came.
 STALL_CPU_FRACTION = 0.05
+#: Reshards a model keeps in :attr:`ShardedModel.reshards` (the oldest are dropped).
+MAX_MODEL_RESHARDS = 256
 #: Request keys whose effect depends on the whole generation so far: a stream that uses them is not resumed.
 _NOT_RESUMABLE = ("grammar", "json_schema", "response_format", "tools", "tool_choice")
 #: Keys of a chat request that a native continuation does not take.
@@ -328,8 +330,11 @@ class ShardedModel(TextModel):
         self._reported_cpu: dict[str, float] = {}
         self._last_lost: list[str] = []
         self._owned: list[RpcWorker] = []  # local workers it started itself (``workers=N``)
-        #: Every recovery of this model so far, oldest first.
+        #: Every recovery of this model so far, oldest first (the last :data:`MAX_MODEL_RESHARDS`).
         self.reshards: list[Reshard] = []
+        #: Called with each :class:`Reshard` of the model once its new coordinator serves (an owner's hook:
+        #: a daemon updates its worker registry and metrics). Errors are logged, never raised.
+        self.on_reshard: list[Callable[[Reshard], object]] = []
         # Streams cut by a recovery rebuild their context one at a time, each on its own slot; new
         # requests wait until they have (or for a stall timeout at most) so that none takes their slot.
         self._resuming: set[int] = set()
@@ -363,6 +368,11 @@ class ShardedModel(TextModel):
     def lost_workers(self) -> list[str]:
         """The addresses evicted so far."""
         return list(self._lost)
+
+    @property
+    def owned_workers(self) -> list[RpcWorker]:
+        """The local workers it started itself (``workers=N``) and stops when it closes."""
+        return list(self._owned)
 
     @property
     def degraded(self) -> bool:
@@ -435,8 +445,17 @@ class ShardedModel(TextModel):
                 self._next_slot = 0
                 if not self._resuming:
                     self._serving.set()
+            seconds = time.monotonic() - started
             _log.info("%s resharded in %.3f s (%s): lost %s, layout %s", self.path.name,
-                         time.monotonic() - started, reason, self._lost, self._layout)
+                         seconds, reason, self._lost, self._layout)
+            reshard = Reshard(0, list(self._last_lost), self.layout, seconds, 0.0, seconds, 0.0, reason)
+            self.reshards.append(reshard)
+            del self.reshards[:-MAX_MODEL_RESHARDS]
+            for hook in list(self.on_reshard):
+                try:
+                    hook(reshard)
+                except Exception:  # noqa: BLE001 - an observer must not break the recovery
+                    _log.exception("an on_reshard hook of %s failed", self.path.name)
 
     async def _replace(self, reason: str, evict: Sequence[str]) -> None:
         # Kill the coordinator first: a healthy worker answers no probe while it holds the worker.

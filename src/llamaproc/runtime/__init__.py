@@ -14,11 +14,12 @@ from ._config import (
 from ._endpoint import Endpoint, Loader
 from ._pidlock import PidLock, read_pid
 from ._pool import ModelPool, PoolStats, estimate_memory
-from ._supervisor import Condition, ModelStatus, Phase, Supervisor
+from ._supervisor import Condition, LayerRange, ModelStatus, Phase, ShardStatus, Supervisor
 
 __all__ = [
     "Condition",
     "Endpoint",
+    "LayerRange",
     "Loader",
     "ModelConfig",
     "ModelPool",
@@ -27,6 +28,7 @@ __all__ = [
     "PidLock",
     "PoolStats",
     "ServeConfig",
+    "ShardStatus",
     "Supervisor",
     "estimate_memory",
     "load_config",

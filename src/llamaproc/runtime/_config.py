@@ -537,14 +537,15 @@ class ServeConfig(BaseModel):
         return self
 
 
-def shard_options(config: ServeConfig, name: str, *, workers: Sequence[str] | None = None) -> dict[str, Any]:
+def shard_options(config: ServeConfig, name: str, *, workers: Sequence[str] | int | None = None) -> dict[str, Any]:
     """The keywords of a sharded :func:`~llamaproc.load_model` for model ``name``; ``{}`` for a model that is not sharded.
 
     They are ``workers``, ``split``, ``min_workers``, ``max_reshards`` and
     ``stall_timeout`` (the model's own values, else the daemon-wide ones or the
     defaults; ``stall_timeout`` ``None`` means no limit). ``workers`` gives the
-    addresses the daemon resolved for ``local_workers`` or
-    ``workers = "registered"`` (it overrides a listed ``workers``). Raises
+    addresses the daemon resolved for ``workers = "registered"`` (it
+    overrides a listed ``workers``), or for ``local_workers`` their number
+    (the loaded model starts and owns them). Raises
     :class:`~llamaproc.errors.InvalidArgumentError` when the model needs
     resolved workers and none are given, or when a list ``split`` does not
     have one weight per worker.
@@ -560,16 +561,17 @@ def shard_options(config: ServeConfig, name: str, *, workers: Sequence[str] | No
             )
         workers = model.workers
     split = model.split if model.split is not None else "capacity"
-    if isinstance(split, tuple) and len(split) != len(workers):
+    count = workers if isinstance(workers, int) else len(workers)
+    if isinstance(split, tuple) and len(split) != count:
         raise InvalidArgumentError(
-            f"model {name!r}: split has {len(split)} weights for {len(workers)} workers", param="split"
+            f"model {name!r}: split has {len(split)} weights for {count} workers", param="split"
         )
     if model.stall_timeout is None:
         stall = config.stall_timeout
     else:
         stall = None if math.isinf(model.stall_timeout) else model.stall_timeout
     return {
-        "workers": list(workers),
+        "workers": workers if isinstance(workers, int) else list(workers),
         "split": list(split) if isinstance(split, tuple) else split,
         "min_workers": model.min_workers if model.min_workers is not None else 1,
         "max_reshards": model.max_reshards if model.max_reshards is not None else config.max_reshards,

@@ -61,6 +61,7 @@ import anyio.lowlevel
 
 from ..backend import read_gguf_info
 from ..errors import (
+    InvalidArgumentError,
     LlamaprocError,
     ModelFileError,
     ModelNotFoundError,
@@ -68,11 +69,12 @@ from ..errors import (
     QueueFullError,
     ShuttingDownError,
     UsageError,
+    WorkerUnreachableError,
 )
 from ..model import load_model
-from ._config import ModelConfig, ServeConfig
+from ._config import ModelConfig, ServeConfig, shard_options
 from ._endpoint import Loader
-from ._supervisor import E, ModelStatus, Phase, Supervisor, _Unloaded
+from ._supervisor import E, LayerRange, ModelStatus, Phase, ShardStatus, Supervisor, _Unloaded
 
 __all__ = ["ModelPool", "PoolStats", "estimate_memory"]
 
@@ -195,6 +197,16 @@ class ModelPool(Generic[E]):
     (``None``: exit watch only), ``health_timeout`` the time each probe may
     take and ``health_failures`` the failed probes in a row that count as a
     crash.
+
+    A sharded model (``workers`` or ``local_workers`` in its config) is
+    loaded with :func:`~llamaproc.runtime.shard_options`: ``local_workers``
+    workers started by the model itself, the listed addresses, or for
+    ``workers = "registered"`` those ``registered_workers(name)`` returns at
+    each load (a daemon's ready registered workers; none is a load error).
+    ``on_change(name, event)`` is called with each supervisor event
+    (``"serving"``, ``"crashed"``, ``"stopped"``, ... see
+    :class:`~llamaproc.Supervisor`), for an owner that keeps track of what
+    a model holds.
     """
 
     def __init__(
@@ -205,15 +217,19 @@ class ModelPool(Generic[E]):
         health_interval: float | None = 1.0,
         health_timeout: float | None = None,
         health_failures: int = 3,
+        registered_workers: Callable[[str], Sequence[str]] | None = None,
+        on_change: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
         self.stats = PoolStats()
+        self._registered_workers = registered_workers
+        self._on_change = on_change
         self._entries: dict[str, _Entry] = {}
         for name, model_config in config.models.items():
             supervisor = Supervisor(
                 name,
                 model_config,
-                loader=loader,
+                loader=self._sharding(name, loader) if model_config.sharded else loader,
                 restart_backoff=config.restart_backoff,
                 restart_backoff_max=config.restart_backoff_max,
                 max_restarts=config.max_restarts,
@@ -320,6 +336,43 @@ class ModelPool(Generic[E]):
         elif event == "restarting":
             self.stats.restarts += 1
         self._notify()
+        if self._on_change is not None:
+            try:
+                self._on_change(supervisor.name, event)
+            except Exception:  # noqa: BLE001 - a broken observer must not break the pool
+                _log.exception("the on_change hook of the pool failed for model %s", supervisor.name)
+
+    # -- sharded models -------------------------------------------------------------------------
+
+    def _sharding(self, name: str, loader: Loader) -> Loader:
+        """``loader`` with the sharding keywords of model ``name``, resolved at each load."""
+
+        async def load(path: Any, **options: Any) -> Any:
+            return await loader(path, **options, **self._shard_options(name))
+
+        return load
+
+    def _shard_options(self, name: str) -> dict[str, Any]:
+        model = self.config.models[name]
+        workers: Sequence[str] | int | None = None
+        if model.local_workers is not None:
+            workers = model.local_workers
+        elif model.workers == "registered":
+            if self._registered_workers is None:
+                raise InvalidArgumentError(
+                    f'model {name!r} has workers = "registered": only a daemon with a worker registry loads it',
+                    param="workers",
+                )
+            workers = list(self._registered_workers(name))
+            if not workers:
+                raise WorkerUnreachableError(
+                    f'model {name!r} has workers = "registered" and no registered rpc worker is ready:'
+                    " start one with `llamaproc worker --register URL`"
+                )
+        options = shard_options(self.config, name, workers=workers)
+        if options.get("stall_timeout") is None:
+            options["stall_timeout"] = math.inf
+        return options
 
     async def _wait_for(self, predicate: Callable[[], bool]) -> None:
         while True:
@@ -355,6 +408,8 @@ class ModelPool(Generic[E]):
                     last_used=entry.last_used,
                     restarts=sup.restarts,
                     memory_estimate=entry.memory,
+                    layout=_layout(sup) if entry.config.sharded else None,
+                    lost_workers=sup.lost_workers,
                 )
             )
         return result
@@ -639,6 +694,13 @@ class ModelPool(Generic[E]):
                 return
             except LlamaprocError as exc:
                 _log.error("preloading model %s failed: %s", name, exc)
+
+
+def _layout(supervisor: Supervisor[Any]) -> list[ShardStatus]:
+    return [
+        ShardStatus(address=s.address, layers=LayerRange(start=s.layers.start, stop=s.layers.stop))
+        for s in supervisor.layout
+    ]
 
 
 def _failed(supervisor: Supervisor[Any]) -> bool:

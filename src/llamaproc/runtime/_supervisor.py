@@ -50,10 +50,11 @@ from typing_extensions import TypeVar
 
 from ..errors import InvalidArgumentError, LlamaprocError, ModelUnavailableError, ShuttingDownError, UsageError
 from ..model import TextModel, load_model
+from ..types import Shard
 from ._config import ModelConfig
 from ._endpoint import Endpoint, Loader
 
-__all__ = ["Condition", "ModelStatus", "Phase", "Supervisor"]
+__all__ = ["Condition", "LayerRange", "ModelStatus", "Phase", "ShardStatus", "Supervisor"]
 
 _log = logging.getLogger("llamaproc.supervisor")
 
@@ -87,8 +88,26 @@ class Condition(BaseModel):
     last_transition_time: datetime
 
 
+class LayerRange(BaseModel):
+    """A range of layers: ``start`` included, ``stop`` excluded."""
+
+    start: int
+    stop: int
+
+
+class ShardStatus(BaseModel):
+    """One worker of a sharded model and the layers it holds."""
+
+    address: str
+    layers: LayerRange
+
+
 class ModelStatus(BaseModel):
-    """The state of one configured model, as reported by ``ModelPool.status()``."""
+    """The state of one configured model, as reported by ``ModelPool.status()``.
+
+    ``layout`` and ``lost_workers`` are those of a sharded model (``None`` for
+    one that is not; empty while it is not loaded).
+    """
 
     name: str
     phase: Phase
@@ -102,9 +121,11 @@ class ModelStatus(BaseModel):
     last_used: datetime | None
     restarts: int
     memory_estimate: int
+    layout: list[ShardStatus] | None = None
+    lost_workers: list[str] | None = None
 
 
-#: Condition types a supervisor keeps, in this order.
+#: Condition types a supervisor keeps, in this order (a sharded model's supervisor adds ``Degraded``).
 CONDITION_TYPES = ("Loaded", "Ready", "Crashed", "Failed")
 
 
@@ -191,6 +212,11 @@ class Supervisor(Generic[E]):
             "Failed": Condition(type="Failed", status="False", reason="NoFailure",
                                 message="", last_transition_time=now),
         }  # fmt: skip
+        self._condition_types: tuple[str, ...] = CONDITION_TYPES
+        if config.sharded:
+            self._condition_types += ("Degraded",)
+            self._conditions["Degraded"] = Condition(type="Degraded", status="False", reason="AllWorkers",
+                                                     message="no worker lost", last_transition_time=now)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -200,8 +226,31 @@ class Supervisor(Generic[E]):
 
     @property
     def conditions(self) -> list[Condition]:
-        """Copies of the conditions (types ``Loaded``, ``Ready``, ``Crashed``, ``Failed``)."""
-        return [self._conditions[t].model_copy() for t in CONDITION_TYPES]
+        """Copies of the conditions (types ``Loaded``, ``Ready``, ``Crashed``, ``Failed``, and ``Degraded``
+        for a sharded model: true while it serves on fewer workers than it was loaded with)."""
+        if "Degraded" in self._conditions:
+            lost = self.lost_workers or []
+            if lost:
+                self._condition("Degraded", "True", "WorkersLost", f"serving without lost workers {', '.join(lost)}")
+            else:
+                self._condition("Degraded", "False", "AllWorkers", "no worker lost")
+        return [self._conditions[t].model_copy() for t in self._condition_types]
+
+    @property
+    def layout(self) -> list[Shard]:
+        """The serving model's layout: which worker holds which layers (empty when not sharded or not serving)."""
+        model = self.model
+        layout = getattr(model, "layout", None) if model is not None else None
+        return list(layout) if isinstance(layout, list) else []
+
+    @property
+    def lost_workers(self) -> list[str] | None:
+        """The workers the serving sharded model lost (``[]`` when not serving); ``None`` for a model not sharded."""
+        if not self.config.sharded:
+            return None
+        model = self.model
+        lost = getattr(model, "lost_workers", None) if model is not None else None
+        return [str(a) for a in lost] if isinstance(lost, list) else []
 
     @property
     def wanted(self) -> bool:

@@ -49,12 +49,14 @@ import anyio
 import uvicorn
 
 from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocError
+from ..process import probe_worker
 from ..runtime import PidLock, ServeConfig, load_config, parse_api_keys
 from ._app import create_app
 from ._limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from ._metrics import ServeMetrics
 from ._proxy import DEFAULT_MAX_BODY, stall_timeout_of
 from ._security import HttpSecurity
+from ._shards import ShardKeeper
 from ._upstream import Upstream
 from ._workers import JobLog, WorkerRegistry
 
@@ -75,6 +77,8 @@ SOCKET_FILE = "serve.sock"
 HTTP_SHUTDOWN_TIMEOUT = 5
 #: How long the socket server gets to write the last events of its requests before it closes.
 SOCKET_SHUTDOWN_TIMEOUT = 2.0
+#: How long a registering rpc worker has to answer the daemon's probe (a real RPC exchange).
+REGISTER_PROBE_TIMEOUT = 2.0
 #: The environment variable whose comma-separated API keys are added to the config's.
 API_KEYS_ENV = "LLAMAPROC_API_KEYS"
 
@@ -214,10 +218,16 @@ async def run_daemon(
         ensure_file_limit(limits.max_connections)
         metrics = ServeMetrics()
         workers = WorkerRegistry()
+        workers.probe = functools.partial(probe_worker, timeout=REGISTER_PROBE_TIMEOUT)
         jobs = JobLog()
         metrics.attach_workers(workers)
+        shards = ShardKeeper(workers, metrics)
         socket_requests = ActiveRequests()
-        async with Upstream() as client, ModelPool(config) as pool:
+        async with (
+            Upstream() as client,
+            ModelPool(config, registered_workers=shards.registered_workers, on_change=shards.changed) as pool,
+        ):
+            shards.pool = pool
             metrics.attach(pool)
             app = create_app(
                 pool,
@@ -246,6 +256,8 @@ async def run_daemon(
             async with anyio.create_task_group() as tg:
                 sweeper_scope = anyio.CancelScope()
                 tg.start_soon(_run_in, sweeper_scope, client.run_sweeper)
+                shards_scope = anyio.CancelScope()
+                tg.start_soon(_run_in, shards_scope, shards.run)
                 socket_scope = anyio.CancelScope()
                 socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics, socket_requests, client)
                 served = anyio.Event()
@@ -289,6 +301,7 @@ async def run_daemon(
                 server.should_exit = True
                 socket_scope.cancel()
                 sweeper_scope.cancel()
+                shards_scope.cancel()
             if not pool.closed:
                 _log.info("llamaproc serve: stopping models")
         _log.info("llamaproc serve: stopped")

@@ -130,6 +130,9 @@ class WorkerRegistry:
     - ``on_evict(entry)``: called by :meth:`evict` once the worker is marked
       lost, so that a model using it can reshard its streams. Its errors are
       logged, never raised.
+    - ``on_heartbeat(entry)``: called by :meth:`heartbeat` once recorded, so
+      that a model using the worker learns its CPU time. Its errors are
+      logged, never raised.
     - ``probe(address)``: awaited by ``POST /api/workers/register`` before a
       worker is accepted; returns the worker's devices or raises
       :class:`~llamaproc.errors.WorkerUnreachableError`. ``None``: no probe.
@@ -152,6 +155,7 @@ class WorkerRegistry:
         self.max_workers = max_workers
         self.max_lost = max_lost
         self.on_evict: Callable[[WorkerEntry], object] | None = None
+        self.on_heartbeat: Callable[[WorkerEntry], object] | None = None
         self.probe: Callable[[str], Awaitable[Sequence[Device]]] | None = None
         self._clock = clock
         self._wall = wall
@@ -254,6 +258,11 @@ class WorkerRegistry:
             )
         entry.last_seen, entry.last_seen_wall = self._clock(), self._wall()
         entry.cpu_seconds = cpu_seconds
+        if self.on_heartbeat is not None:
+            try:
+                self.on_heartbeat(entry)
+            except Exception:  # noqa: BLE001 - a broken hook must not fail the heartbeat route
+                _log.exception("llamaproc serve: the heartbeat hook of worker %s (%s) failed", entry.id, entry.address)
         return entry
 
     # --- losing workers ----------------------------------------------------------------------------
