@@ -36,7 +36,7 @@ import types
 import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import anyio
 
@@ -666,17 +666,31 @@ def _resumable(exc: LlamaprocError) -> bool:
 _tickets = itertools.count(1)
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """A stream another reader sent and lost: what it had received when it was cut."""
+
+    token_ids: list[int]
+    delivered: int
+    base_url: str
+    reason: str
+    last_token: float
+
+
 class _ResumingStream(TokenStream):
     """A stream of a sharded model: survives the loss of a worker without a break or a duplicate token."""
 
     __slots__ = ("_model", "_kind", "_body", "_ids", "_texts", "_reshards", "_inner", "_result", "_error",
-                 "_released", "_closed_by_user", "_done_hook", "_error_hook", "_ticket")
+                 "_released", "_closed_by_user", "_done_hook", "_error_hook", "_ticket", "_offset", "_cut")
 
-    def __init__(self, model: ShardedModel, kind: StreamKind, body: dict[str, Any]) -> None:
+    def __init__(self, model: ShardedModel, kind: StreamKind, body: dict[str, Any], *,
+                 cut: _Cut | None = None) -> None:
         self._model = model
         self._kind = kind
         self._body = body
-        self._ids: list[int] = []
+        self._ids: list[int] = [] if cut is None else list(cut.token_ids)
+        self._offset = 0 if cut is None else cut.delivered  # tokens delivered before this object took over
+        self._cut = cut
         self._texts: list[str] = []
         self._reshards: list[Reshard] = []
         self._inner: TokenStream | None = None
@@ -755,6 +769,16 @@ class _ResumingStream(TokenStream):
         prompt: list[Any] | None = None
         last_token = time.monotonic()
         try:
+            cut = self._cut
+            if cut is not None:
+                # Continue a request another reader had sent: recover unless someone already has.
+                self._cut = None
+                last_token = cut.last_token
+                epoch = model._epoch if model.base_url == cut.base_url else -1
+                step = await self._recover(epoch, cut.reason, time.monotonic(), last_token)
+                if step is False:
+                    return
+                resume = step
             while True:
                 if self._released:
                     raise ClosedError("the stream is closed")
@@ -812,22 +836,13 @@ class _ResumingStream(TokenStream):
                         raise exc
                     if len(self._reshards) >= model.max_reshards:
                         raise exc
-                    detected = time.monotonic()
-                    reason = str(exc).splitlines()[0]
                     if resume is not None:
                         model._resumed(resume.token)
-                    await model._recover(epoch, reason)
-                    if self._ids:
-                        limit = self._limit()
-                        if limit is not None and len(self._ids) >= limit:
-                            self._finish(None, len(self._ids))
-                            return
-                        resume = _Resume(model._take_slot(self._ticket), self._ticket, last_token, detected, reason)
-                    else:
-                        # Nothing came yet: send the request again, as a new one.
-                        self._reshards.append(Reshard(0, list(model._last_lost), model.layout,
-                                                      time.monotonic() - detected, 0.0,
-                                                      time.monotonic() - detected, 0.0, reason))
+                        resume = None
+                    step = await self._recover(epoch, str(exc).splitlines()[0], time.monotonic(), last_token)
+                    if step is False:
+                        return
+                    resume = step
         except LlamaprocError as exc:
             error = exc
             if self._error_hook is not None and not isinstance(exc, (WorkersLostError, ClosedError)):
@@ -844,10 +859,35 @@ class _ResumingStream(TokenStream):
                 with anyio.CancelScope(shield=True):
                     await inner_stream.aclose()
 
+    async def _recover(
+        self, epoch: int, reason: str, detected: float, last_token: float
+    ) -> _Resume | None | Literal[False]:
+        """After a failure seen at ``detected``: recover the model, then say how to go on.
+
+        A :class:`_Resume` (rebuild the context, continue), ``None`` (nothing
+        generated yet: send the request again) or ``False`` (the limit was
+        reached: the stream is complete).
+        """
+        model = self._model
+        if epoch >= 0:
+            await model._recover(epoch, reason)
+        else:
+            model._check()
+        if not self._ids:
+            now = time.monotonic()
+            self._reshards.append(Reshard(self._offset, list(model._last_lost), model.layout, now - detected,
+                                          detected - last_token, now - detected, 0.0, reason))
+            return None
+        limit = self._limit()
+        if limit is not None and len(self._ids) >= limit:
+            self._finish(None, len(self._ids))
+            return False
+        return _Resume(model._take_slot(self._ticket), self._ticket, last_token, detected, reason)
+
     def _resumed(self, resume: _Resume, now: float) -> None:
         self._model._resumed(resume.token)
         self._reshards.append(Reshard(
-            after_tokens=len(self._texts),
+            after_tokens=self._offset + len(self._texts),
             lost=list(self._model._last_lost),
             layout=self._model.layout,
             seconds=now - resume.detected,
