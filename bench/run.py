@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -28,12 +29,16 @@ from bench_model import close_latency, generate_throughput, load_overhead
 from common import RESULTS_DIR, Result, Settings, workdir
 from daemon import notes as daemon_notes
 from daemon import run_benchmarks as daemon_benchmarks
+from sharded import notes as sharded_notes
+from sharded import run_benchmarks as sharded_benchmarks
 from upstream import upstream_client
 
 import llamaproc
 
 #: What the daemon benchmark found besides its rows (CPU per request, the bare relay's overhead).
 DAEMON_CONTEXT: dict[str, Any] = {}
+#: The sharded benchmark's recovery split (detection, restart, replay).
+SHARDED_CONTEXT: dict[str, Any] = {}
 
 
 async def daemon(settings: Settings) -> list[Result]:
@@ -45,6 +50,15 @@ async def daemon(settings: Settings) -> list[Result]:
     return results
 
 
+async def sharded(settings: Settings) -> list[Result]:
+    """bench/sharded.py: a model over local rpc workers against one process, and recovery from a lost worker."""
+    path = settings.workdir / "sharded"
+    path.mkdir()
+    results, context = await sharded_benchmarks(path, quick=settings.quick)
+    SHARDED_CONTEXT.update(context)
+    return results
+
+
 BENCHMARKS: dict[str, Callable[[Settings], Awaitable[list[Result]]]] = {
     "generate_throughput": generate_throughput,
     "load_overhead": load_overhead,
@@ -53,6 +67,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Awaitable[list[Result]]]] = {
     "concurrent_streams": concurrent_streams,
     "gguf_metadata": gguf_metadata,
     "daemon": daemon,
+    "sharded": sharded,
     "upstream_client": upstream_client,
 }
 
@@ -109,9 +124,10 @@ def _leftover_servers() -> list[int]:
             cmd = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if "llama-server" in cmd or "fake_server.py" in cmd:
+        if "llama-server" in cmd or "fake_server.py" in cmd or "rpc-server" in cmd:
             left.append(p.pid)
             try:
+                p.send_signal(signal.SIGCONT)  # a stopped worker of the sharded benchmark
                 p.kill()
             except psutil.Error:
                 pass
@@ -167,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if DAEMON_CONTEXT:
         # The daemon's notes: CPU per request and token, and the floor set by a bare relay.
         print("\n".join(daemon_notes(DAEMON_CONTEXT)))
+    if SHARDED_CONTEXT:
+        print("\n".join(sharded_notes(SHARDED_CONTEXT)))
     print(f"\n{len(names)} benchmark(s) in {elapsed:.1f} s{' (quick)' if args.quick else ''}")
     if left:
         print(f"WARNING: killed processes left running: {left}")
@@ -186,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after": os.getloadavg(),
         "results": [r.to_json() for r in results],
         "daemon_context": DAEMON_CONTEXT,
+        "sharded_context": SHARDED_CONTEXT,
         "errors": errors,
         "all_ok": not errors and all(r.ok for r in results),
     }
