@@ -228,6 +228,10 @@ def test_record_reshard() -> None:
     metrics.record_reshard("big", reshard.to_json())
     metrics.record_reshard("big", {"seconds": "bad"})
     assert samples(metrics, "llamaproc_reshards_total") == {(("model", "big"),): 3.0}
+    assert samples(metrics, "llamaproc_resume_seconds_count") == {}
+    metrics.record_resume("big", reshard)
+    metrics.record_resume("big", reshard.to_json())
+    metrics.record_resume("big", {"seconds": "bad"})
     assert samples(metrics, "llamaproc_resume_seconds_count") == {(("model", "big"),): 2.0}
     assert samples(metrics, "llamaproc_resume_seconds_sum") == {(("model", "big"),): 3.0}
 

@@ -420,6 +420,20 @@ class ShardedModel(TextModel):
                 except LlamaprocError:
                     return code
 
+    async def ready(self) -> None:
+        """Wait while it recovers (a new coordinator, cut streams rebuilding); raise when it cannot serve.
+
+        A coordinator found dead with no recovery under way is replaced first.
+        For relays that send requests to :attr:`base_url` themselves.
+        """
+        if self._recover_lock.locked():
+            async with self._recover_lock:
+                pass
+        await self._wait_serving()
+        self._check()
+        if self._process.returncode is not None:
+            await self._recover(self._epoch, self.describe_exit())
+
     async def evict(self, address: str) -> None:
         """Take a worker out of the model now: the coordinator restarts over the others and streams resume."""
         if address not in self.workers:
@@ -584,9 +598,43 @@ class ShardedModel(TextModel):
     def _open(self, kind: StreamKind, body: dict[str, Any]) -> TokenStream:
         return TokenStream(self._client, STREAM_PATHS[kind], body, kind)
 
+    # -- for relays: streams sent by someone else -----------------------------------------------------
+
+    def wants_token_ids(self, kind: StreamKind, body: dict[str, Any]) -> bool:
+        """Add to ``body`` what a relay needs to resume its stream (token ids); ``False``: not resumable.
+
+        The OpenAI routes report token ids only with their probabilities:
+        ``n_probs: 1`` is added unless the request asks for logprobs itself.
+        A relay that adds it should remove the probabilities from what it
+        passes on when the client did not ask for them.
+        """
+        if not resumable_request(kind, body):
+            return False
+        if kind == "native":
+            body["return_tokens"] = True
+        elif "n_probs" not in body and not body.get("logprobs"):
+            body["n_probs"] = 1
+        return True
+
+    def continue_stream(
+        self, kind: StreamKind, body: dict[str, Any], token_ids: Sequence[int], *, delivered: int,
+        base_url: str, reason: str, last_token: float,
+    ) -> TokenStream:
+        """The rest of a stream that a relay sent to ``base_url`` and lost after ``token_ids``.
+
+        ``delivered`` tokens (``time.monotonic()`` of the last: ``last_token``)
+        reached the relay's client. The model recovers if no one has yet (the
+        coordinator at ``base_url`` is still the current one), rebuilds the
+        stream's context and continues with native tokens (text and id), the
+        way a stream of :meth:`generate` does; its ``reshards`` say what
+        happened. The body is the request as sent (see :meth:`wants_token_ids`).
+        """
+        cut = _Cut(list(token_ids), delivered, base_url, reason, last_token)
+        return _ResumingStream(self, kind, body, cut=cut)
+
     async def _prompt_of(self, kind: StreamKind, body: Mapping[str, Any]) -> list[Any]:
         """The prompt of a request as a mixed list (text, then ids) that a continuation extends with ids."""
-        if kind == "native":
+        if kind != "chat":
             prompt = body["prompt"]
             return [prompt] if isinstance(prompt, str) else list(prompt)
         template = {k: body[k] for k in ("messages", "chat_template_kwargs", "tools") if k in body}
@@ -657,6 +705,19 @@ class _Resume:
         self.slot, self.token, self.last_token, self.detected, self.reason = slot, token, last_token, detected, reason
         self.restarted = self.replayed = detected
         self.lost: list[str] = []
+
+
+def resumable_request(kind: StreamKind, body: Mapping[str, Any]) -> bool:
+    """Whether a stream of this request can continue exactly on another coordinator (see the README)."""
+    if any(body.get(k) for k in _NOT_RESUMABLE):
+        return False
+    if kind != "chat":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) and not (
+            isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            return False  # several prompts, or none
+    return not body.get("echo") and not body.get("suffix") and body.get("n", 1) == 1
 
 
 def _resumable(exc: LlamaprocError) -> bool:
@@ -760,8 +821,12 @@ class _ResumingStream(TokenStream):
                 await self._inner.aclose()
 
     def _limit(self) -> int | None:
-        value = self._body.get("n_predict" if self._kind == "native" else "max_tokens")
-        return None if value is None or value < 0 else int(value)
+        body = self._body
+        if self._kind == "native":
+            value = body.get("n_predict")
+        else:
+            value = body.get("max_tokens", body.get("max_completion_tokens", body.get("n_predict")))
+        return None if not isinstance(value, int) or value < 0 else value
 
     async def _iterate(self) -> AsyncGenerator[Token, None]:
         model = self._model
@@ -898,14 +963,14 @@ class _ResumingStream(TokenStream):
         ))  # fmt: skip
 
     def _can_resume(self) -> bool:
-        return not any(self._body.get(k) for k in _NOT_RESUMABLE)
+        return resumable_request(self._kind, self._body)
 
     def _continuation(self, prompt: list[Any], slot: int) -> TokenStream:
         """The native request that continues after the tokens so far, on slot ``slot``."""
         if self._kind == "native":
             params = {k: v for k, v in self._body.items() if k not in ("prompt", "n_predict")}
         else:
-            params = {k: v for k, v in self._body.items() if k not in _CHAT_ONLY}
+            params = {k: v for k, v in self._body.items() if k not in _CHAT_ONLY and k not in ("prompt", "n_predict")}
         limit = self._limit()
         remaining = -1 if limit is None else limit - len(self._ids)
         body = {**params, "prompt": [*prompt, *self._ids], "n_predict": remaining, "stream": True,

@@ -63,7 +63,7 @@ def create_app(
         metrics = ServeMetrics(pool)
     registry = workers if workers is not None else WorkerRegistry()
     job_log = jobs if jobs is not None else JobLog()
-    state = ProxyState(pool, client, metrics, max_body, write_timeout=pool.config.write_timeout)
+    state = ProxyState(pool, client, metrics, max_body, write_timeout=pool.config.write_timeout, jobs=job_log)
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_object(n, state.created) for n in pool.names()]})

@@ -259,7 +259,7 @@ async def run_daemon(
                 shards_scope = anyio.CancelScope()
                 tg.start_soon(_run_in, shards_scope, shards.run)
                 socket_scope = anyio.CancelScope()
-                socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics, socket_requests, client)
+                socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics, socket_requests, client, jobs)
                 served = anyio.Event()
 
                 async def serve_http() -> None:
@@ -345,6 +345,7 @@ async def _start_socket(
     metrics: ServeMetrics,
     active: ActiveRequests,
     client: Upstream,
+    jobs: JobLog | None = None,
 ) -> str:
     """Start the Unix socket server in ``tg``, cancellable through ``scope``; return its path."""
     from ._socket import serve_socket
@@ -360,6 +361,7 @@ async def _start_socket(
                     client=client,
                     write_timeout=pool.config.write_timeout,
                     stall_timeout=functools.partial(stall_timeout_of, pool.config),
+                    jobs=jobs,
                     task_status=task_status,
                 )
             except OSError as exc:

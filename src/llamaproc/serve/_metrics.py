@@ -112,12 +112,14 @@ class ServeMetrics:
         self._workers = workers
 
     def record_reshard(self, model: str, reshard: Reshard | Mapping[str, Any]) -> None:
-        """Count a reshard of one of ``model``'s streams (a :class:`~llamaproc.types.Reshard` or its JSON)."""
+        """Count a reshard of ``model``: a new coordinator over the workers left (a :class:`Reshard` or its JSON)."""
+        self.reshards.labels(self.label(model)).inc()
+
+    def record_resume(self, model: str, reshard: Reshard | Mapping[str, Any]) -> None:
+        """The resume latency of one stream of ``model`` cut by a reshard: from detection to its next token."""
         seconds = reshard.seconds if isinstance(reshard, Reshard) else reshard.get("seconds")
-        model = self.label(model)
-        self.reshards.labels(model).inc()
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
-            self.resume.labels(model).observe(seconds)
+            self.resume.labels(self.label(model)).observe(seconds)
 
     def label(self, model: str) -> str:
         """The ``model`` label for a requested name."""

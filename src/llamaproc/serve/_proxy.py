@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -42,11 +43,21 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ..errors import InvalidArgumentError, LlamaprocError, QueueFullError
+from ..errors import (
+    IncompleteStreamError,
+    InvalidArgumentError,
+    LlamaprocError,
+    QueueFullError,
+    ServerCrashedError,
+    TransportError,
+)
+from ..model import ShardedModel
 from ..protocol import (
     ERROR_CODES,
+    StreamKind,
     check_openai_request,
     decode_json_object,
+    encode_json,
     error_code,
     error_message,
     error_status,
@@ -57,6 +68,7 @@ from ..runtime import Endpoint, ServeConfig
 from ._metrics import ServeMetrics
 from ._relay import StreamReader, auth_headers, check_alive, error_of
 from ._upstream import Upstream, UpstreamError, UpstreamResponse
+from ._workers import Job, JobLog
 
 if TYPE_CHECKING:
     from ..runtime import ModelPool
@@ -97,8 +109,10 @@ class ProxyState:
         max_body: int,
         *,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+        jobs: JobLog | None = None,
     ) -> None:
         self.pool = pool
+        self.jobs = jobs if jobs is not None else JobLog()
         self.client = client
         self.metrics = metrics
         self.max_body = max_body
@@ -187,7 +201,7 @@ class ProxyRoute:
         call = _Call(state, name, started, send)
         state.metrics.request_started(name, _API)
         try:
-            await call.run(self.path, raw, body.get("stream") is True, receive)
+            await call.run(self.path, raw, body, receive)
         finally:
             state.metrics.request_done(name, _API, call.status, time.perf_counter() - started, call.tokens)
 
@@ -196,6 +210,7 @@ class _Call:
     """The state of one proxied request."""
 
     __slots__ = (
+        "_failed",
         "_first_token",
         "_send",
         "_sending_since",
@@ -216,9 +231,10 @@ class _Call:
         self.tokens = 0
         self.response_started = False
         self._first_token = False
+        self._failed = False
         self._sending_since: float | None = None
 
-    async def run(self, path: str, raw: bytes, stream: bool, receive: Receive) -> None:
+    async def run(self, path: str, raw: bytes, body: dict[str, Any], receive: Receive) -> None:
         # The client's disconnect is watched by a plain asyncio task (the app runs under uvicorn,
         # on asyncio), not an anyio task group: that costs about 0.1 ms per request, on the way
         # to every first token. The task ends with the call. A timer checks that writes to the
@@ -246,7 +262,7 @@ class _Call:
 
             timer = loop.call_later(period, check_writes)
             try:
-                await self._admitted(path, raw, stream)
+                await self._admitted(path, raw, body)
             finally:
                 if timer is not None:
                     timer.cancel()
@@ -262,17 +278,42 @@ class _Call:
             self.status = "499"
             await _drop_client(self._send)
 
-    async def _admitted(self, path: str, raw: bytes, stream: bool) -> None:
+    async def _admitted(self, path: str, raw: bytes, body: dict[str, Any]) -> None:
+        stream = body.get("stream") is True
         try:
             async with self.state.pool.acquire(self.name) as endpoint:
-                await self._forward(endpoint, path, raw, stream)
+                if isinstance(endpoint, ShardedModel):
+                    await self._forward_sharded(endpoint, path, raw, body, stream)
+                else:
+                    await self._forward(endpoint, path, raw, stream)
         except LlamaprocError as exc:
             # Raised by the pool's admission (the forwarders answer their own errors).
             if self.response_started:  # pragma: no cover
                 raise
             await self._fail(exc)
 
-    async def _forward(self, endpoint: Endpoint, path: str, raw: bytes, stream: bool) -> None:
+    async def _forward_sharded(
+        self, model: ShardedModel, path: str, raw: bytes, body: dict[str, Any], stream: bool
+    ) -> None:
+        """A request to a model split over rpc workers: logged as a job, and its stream survives a reshard."""
+        job = self.state.jobs.start(self.name, path)
+        job.set_layout(model.layout)
+        resume: _Resume | None = None
+        try:
+            await model.ready()
+            if stream and path in _KIND:
+                kind: StreamKind = _KIND[path]  # type: ignore[assignment]
+                sent = dict(body)
+                if model.wants_token_ids(kind, sent):
+                    raw = encode_json(sent)
+                    resume = _Resume(model, kind, sent, "n_probs" in sent and "n_probs" not in body, job)
+            await self._forward(model, path, raw, stream, resume)
+        finally:
+            job.finish("done" if self.status.startswith("2") and not self._failed else "failed", self.tokens)
+
+    async def _forward(
+        self, endpoint: Endpoint, path: str, raw: bytes, stream: bool, resume: _Resume | None = None
+    ) -> None:
         client = self.state.client
         try:
             await check_alive(endpoint)
@@ -288,7 +329,7 @@ class _Call:
             if not 200 <= response.status < 300:
                 await self._fail(await error_of(response, endpoint.base_url + path))
             elif stream and path in _KIND and response.content_type.startswith(b"text/event-stream"):
-                await self._relay_stream(endpoint, path, response)
+                await self._relay_stream(endpoint, path, response, resume)
             else:
                 await self._relay_whole(endpoint, response)
         except UpstreamError as exc:
@@ -311,7 +352,11 @@ class _Call:
         await self._start(response.status, headers)
         await self._write(content, more=False)
 
-    async def _relay_stream(self, endpoint: Endpoint, path: str, response: UpstreamResponse) -> None:
+    async def _relay_stream(
+        self, endpoint: Endpoint, path: str, response: UpstreamResponse, resume: _Resume | None = None
+    ) -> None:
+        base_url = endpoint.base_url
+        last_token = time.monotonic()
         reader = StreamReader(
             response, _KIND[path],  # type: ignore[arg-type]
             endpoint=endpoint, stall_timeout=self.state.stall_timeout(self.name),
@@ -330,19 +375,59 @@ class _Call:
                         if not self._first_token:
                             self._first_token = True
                             self.state.metrics.first_token(self.name, time.perf_counter() - self.started)
+                    if resume is not None:
+                        data = resume.seen(data, token is not None)
+                        last_token = time.monotonic()
                     out.append(b"data: " + _MODEL_FIELD.sub(model_field, data, count=1) + b"\n\n")
                 await self._write(b"".join(out))
             self.tokens = reader.summary().usage.completion_tokens or counted
         except LlamaprocError as exc:
             self.tokens = counted
-            await self._fail(await reader.fail(exc))
+            error = await reader.fail(exc)
+            if resume is not None and isinstance(error, (ServerCrashedError, IncompleteStreamError, TransportError)):
+                reader.close()
+                await self._continue(resume, reader.parser.ids, counted, base_url, error, last_token)
+                return
+            await self._fail(error)
             return
         finally:
             reader.close()
         await self._write(b"", more=False)
 
+    async def _continue(self, resume: _Resume, ids: list[int], delivered: int, base_url: str,
+                        error: LlamaprocError, last_token: float) -> None:
+        """Go on with a stream cut by the loss of a worker: the sharded model recovers and continues it,
+        and its tokens go out as events of the same stream (same id, same shape), then ``[DONE]``."""
+        stream = resume.model.continue_stream(
+            resume.kind, resume.body, ids, delivered=delivered, base_url=base_url,
+            reason=str(error).splitlines()[0], last_token=last_token,
+        )  # fmt: skip
+        recorded = 0
+        try:
+            async with stream:
+                async for token in stream:
+                    self.tokens += 1
+                    if len(stream.reshards) > recorded:
+                        recorded = self._record(resume, stream.reshards, recorded)
+                    await self._write(resume.render(self.name, token.text, None))
+            self._record(resume, stream.reshards, recorded)
+        except LlamaprocError as exc:
+            self._record(resume, stream.reshards, recorded)
+            await self._fail(exc)
+            return
+        result = stream.result
+        finish = result.finish_reason if result is not None else None
+        await self._write(resume.render(self.name, None, finish) + b"data: [DONE]\n\n", more=False)
+
+    def _record(self, resume: _Resume, reshards: list[Any], recorded: int) -> int:
+        for reshard in reshards[recorded:]:
+            resume.job.add_reshard(reshard)
+            self.state.metrics.record_resume(self.name, reshard)
+        return len(reshards)
+
     async def _fail(self, exc: LlamaprocError) -> None:
         """Answer with the error (or, once the answer started, end the stream with an error event)."""
+        self._failed = True
         code = error_code(exc)
         message = error_message(exc)
         if self.state.pool.closed and code not in ("queue_full", "model_not_found"):
@@ -376,6 +461,56 @@ class _Call:
         self._sending_since = time.monotonic()
         await self._send({"type": "http.response.body", "body": body, "more_body": more})
         self._sending_since = None
+
+
+class _Resume:
+    """What a relayed stream of a sharded model needs to continue after a reshard."""
+
+    __slots__ = ("model", "kind", "body", "strip", "job", "meta")
+
+    def __init__(self, model: ShardedModel, kind: StreamKind, body: dict[str, Any], strip: bool, job: Job) -> None:
+        self.model = model
+        self.kind = kind
+        self.body = body  # as sent upstream
+        self.strip = strip  # the probabilities were asked for the token ids only: not passed on
+        self.job = job
+        self.meta: dict[str, Any] | None = None  # id, created ... of the stream's events
+
+    def seen(self, data: bytes, has_token: bool) -> bytes:
+        """An event as it goes out: its id and creation time are kept, the probabilities nobody asked removed."""
+        if self.meta is None or (self.strip and has_token):
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return data
+            if not isinstance(obj, dict):
+                return data
+            if self.meta is None:
+                self.meta = {k: obj[k] for k in ("id", "created", "system_fingerprint", "object") if k in obj}
+            if self.strip and has_token:
+                for choice in obj.get("choices") or ():
+                    if isinstance(choice, dict) and "logprobs" in choice:
+                        choice["logprobs"] = None
+                        if self.kind == "chat":
+                            del choice["logprobs"]
+                return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        return data
+
+    def render(self, model: str, text: str | None, finish: str | None) -> bytes:
+        """One event of the continued stream in the shape of the original's (text, or the final one)."""
+        meta = self.meta or {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time())}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": None}
+        if finish is not None:
+            choice["finish_reason"] = {"limit": "length", "eos": "stop", "word": "stop"}.get(finish, finish)
+        if self.kind == "chat":
+            choice["delta"] = {} if text is None else {"content": text}
+            kind = "chat.completion.chunk"
+        else:
+            choice["text"] = text or ""
+            choice["logprobs"] = None
+            kind = "text_completion"
+        event = {"choices": [choice], **meta, "model": model, "object": meta.get("object", kind)}
+        return b"data: " + json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def _drop_client(send: Send) -> None:

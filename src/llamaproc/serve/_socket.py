@@ -19,6 +19,7 @@ connection. Other fields of ``generate`` and ``chat`` (``temperature``,
 Answers, one event per line, each carrying the request's ``id``::
 
     {"id": "1", "event": "token", "text": "Hel"}                 ("token_id" too for generate)
+    {"id": "1", "event": "reshard", "after_tokens": 60, "lost": ["10.0.0.2:50052"], "layout": [...], ...}
     {"id": "1", "event": "done", "finish_reason": "stop", "usage": {...}, "timings": {...}}
     {"id": "3", "event": "result", "embeddings": [[...], [...]]}
     {"id": "4", "event": "result", "models": [{"name": "tiny", "phase": "Serving", "loaded": true}]}
@@ -81,7 +82,17 @@ from typing import Any, Literal, Protocol
 import anyio
 import anyio.abc
 
-from ..errors import InvalidArgumentError, ListenError, LlamaprocError, QueueFullError, ShuttingDownError
+from ..errors import (
+    IncompleteStreamError,
+    InvalidArgumentError,
+    ListenError,
+    LlamaprocError,
+    QueueFullError,
+    ServerCrashedError,
+    ShuttingDownError,
+    TransportError,
+)
+from ..model import ShardedModel
 from ..protocol import (
     STREAM_PATHS,
     LineDecoder,
@@ -95,9 +106,10 @@ from ..protocol import (
     generate_request_body,
 )
 from ..runtime import Endpoint
-from ..types import Completion, Token
+from ..types import Completion, Reshard, Token
 from ._relay import StreamReader, auth_headers, check_alive, error_of
 from ._upstream import Upstream, UpstreamError
+from ._workers import Job, JobLog
 
 __all__ = ["MAX_IN_FLIGHT", "MAX_LINE", "WRITE_TIMEOUT", "ActiveRequests", "serve_socket"]
 
@@ -175,6 +187,7 @@ async def serve_socket(
     active: ActiveRequests | None = None,
     client: Upstream | None = None,
     stall_timeout: Callable[[str], float | None] | None = None,
+    jobs: JobLog | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the socket protocol on the Unix socket ``path`` until cancelled.
@@ -202,7 +215,7 @@ async def serve_socket(
     own_client = client is None
     options = _Options(
         pool, metrics, max_line, write_timeout, max_in_flight, active or ActiveRequests(),
-        Upstream() if client is None else client, stall_timeout or _no_stall_timeout,
+        Upstream() if client is None else client, stall_timeout or _no_stall_timeout, jobs,
     )  # fmt: skip
     try:
         async with anyio.create_task_group() as tg:
@@ -283,6 +296,7 @@ class _Options:
     active: ActiveRequests
     client: Upstream
     stall_timeout: Callable[[str], float | None]
+    jobs: JobLog | None = None
 
 
 def _no_stall_timeout(model: str) -> None:
@@ -497,7 +511,10 @@ class _Connection:
     async def _generate(self, request: _Request) -> dict[str, Any]:
         rid = request.id
         async with self.pool.acquire(request.model) as endpoint:
-            result = await self._relay(request, endpoint)
+            if isinstance(endpoint, ShardedModel):
+                result = await self._relay_sharded(request, endpoint)
+            else:
+                result = await self._relay(request, endpoint)
         # The model is released before "done" goes out: a client that sees "done"
         # sees the pool's accounting without this request.
         if result.usage.completion_tokens:
@@ -510,7 +527,9 @@ class _Connection:
             "timings": None if result.timings is None else result.timings.model_dump(),
         }
 
-    async def _relay(self, request: _Request, endpoint: Endpoint) -> Completion:
+    async def _relay(
+        self, request: _Request, endpoint: Endpoint, resume: tuple[dict[str, Any], Job | None] | None = None
+    ) -> Completion:
         """Stream one answer of the endpoint to the client as token events; return its summary.
 
         Sent as ``TextModel.generate`` / ``TextModel.chat`` would send it (the
@@ -529,21 +548,84 @@ class _Connection:
         except UpstreamError as exc:
             raise await endpoint.explain(exc) from exc
         reader = StreamReader(response, kind, endpoint=endpoint, stall_timeout=options.stall_timeout(request.model))
+        base_url = endpoint.base_url
+        last_token = time.monotonic()
         try:  # closed however this ends: closing an unfinished stream makes llama-server free the slot
             if not 200 <= response.status < 300:
                 raise await error_of(response, endpoint.base_url + path)
             while (events := await reader.next_events()) is not None:
                 for _, token in events:
                     if token is not None:
+                        last_token = time.monotonic()
                         await self._token(request, token)
             return reader.summary()
         except LlamaprocError as exc:
             error = await reader.fail(exc)
+            if (
+                resume is not None and isinstance(endpoint, ShardedModel)
+                and isinstance(error, (ServerCrashedError, IncompleteStreamError, TransportError))
+            ):
+                reader.close()
+                return await self._continue(request, endpoint, resume[0], resume[1], reader.parser.ids, base_url,
+                                            error, last_token)
             if error is exc:
                 raise
             raise error from exc
         finally:
             reader.close()
+
+    async def _relay_sharded(self, request: _Request, model: ShardedModel) -> Completion:
+        """:meth:`_relay` for a model split over rpc workers: logged as a job; a stream cut by the loss of a
+        worker continues after a ``reshard`` event (``{"id", "event": "reshard", "after_tokens", "lost",
+        "layout", "seconds", ...}``)."""
+        jobs = self.options.jobs
+        job = jobs.start(request.model, request.op) if jobs is not None else None
+        if job is not None:
+            job.set_layout(model.layout)
+        kind: Literal["native", "chat"] = "native" if request.op == "generate" else "chat"
+        status: Literal["done", "failed"] = "failed"
+        try:
+            await model.ready()
+            body = json.loads(request.body)
+            if not model.wants_token_ids(kind, body):
+                result = await self._relay(request, model)
+            else:
+                request.body = encode_json(body)
+                result = await self._relay(request, model, resume=(body, job))
+            status = "done"
+            return result
+        finally:
+            if job is not None:
+                job.finish(status, request.tokens)
+
+    async def _continue(self, request: _Request, model: ShardedModel, body: dict[str, Any], job: Job | None,
+                        ids: list[int], base_url: str, error: LlamaprocError, last_token: float) -> Completion:
+        kind: Literal["native", "chat"] = "native" if request.op == "generate" else "chat"
+        stream = model.continue_stream(
+            kind, body, ids, delivered=request.tokens, base_url=base_url, reason=str(error).splitlines()[0],
+            last_token=last_token,
+        )  # fmt: skip
+        recorded = 0
+        try:
+            async with stream:
+                async for token in stream:
+                    recorded = await self._reshards(request, job, stream.reshards, recorded)
+                    await self._token(request, token)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._reshards(request, job, stream.reshards, recorded)
+        assert stream.result is not None
+        return stream.result
+
+    async def _reshards(self, request: _Request, job: Job | None, reshards: list[Reshard], recorded: int) -> int:
+        for reshard in reshards[recorded:]:
+            if job is not None:
+                job.add_reshard(reshard)
+            record = getattr(self.metrics, "record_resume", None)
+            if record is not None:
+                record(request.model, reshard)
+            await self._send({"id": request.id, "event": "reshard", **reshard.to_json()})
+        return len(reshards)
 
     async def _token(self, request: _Request, token: Token) -> None:
         if request.tokens == 0 and self.metrics is not None:
