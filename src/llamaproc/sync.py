@@ -29,7 +29,7 @@ from .client import TokenStream
 from .errors import LlamaprocError
 from .model import TextModel
 from .model import load_model as _async_load_model
-from .types import Completion, ModelInfo, RequestMetrics, Token
+from .types import Completion, ModelInfo, RequestMetrics, Shard, Token
 
 __all__ = ["SyncTextModel", "load_model"]
 
@@ -61,6 +61,11 @@ class SyncTextModel:
     def returncode(self) -> int | None:
         """The child's exit status once it has exited, else ``None``."""
         return self._model.returncode
+
+    @property
+    def layout(self) -> list[Shard]:
+        """Which rpc worker holds which layers (``load_model(..., workers=...)``); empty for one process."""
+        return self._model.layout
 
     @property
     def last_metrics(self) -> RequestMetrics | None:

@@ -323,3 +323,11 @@ async def test_workers_it_starts_itself_are_stopped_with_it(sharded_model: Path)
         assert len(pids) == 2
         assert (await model.complete(PROMPT, max_tokens=48)).token_ids == ref
     assert leftover(pids) == []
+
+
+def test_the_blocking_api_loads_a_sharded_model(sharded_model: Path) -> None:
+    from llamaproc import sync
+
+    with sync.load_model(sharded_model, workers=2) as model:
+        assert [len(s.layers) for s in model.layout] == [5, 4]
+        assert [t.text for t in model.generate(PROMPT, max_tokens=8)]

@@ -120,6 +120,15 @@ async def _worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    advertise = args.advertise
+    if advertise is not None:
+        from ..process import parse_address
+
+        parse_address(advertise)
+    elif args.register is not None and args.host in ("0.0.0.0", "::"):
+        print("llamaproc worker: with --host 0.0.0.0, give --advertise HOST:PORT, the address the daemon reaches",
+              file=sys.stderr)
+        return 2
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with await start_worker(host=args.host, port=args.port, threads=args.threads) as worker:
             _write(f"llamaproc worker: serving at {worker.address} (pid {worker.pid})\n")
@@ -131,7 +140,8 @@ async def _worker(args: argparse.Namespace) -> int:
 
                     tg.start_soon(
                         lambda: register_and_heartbeat(
-                            args.register, api_key=api_key, address=worker.address, devices=worker.devices,
+                            args.register, api_key=api_key, address=advertise or worker.address,
+                            devices=worker.devices,
                             cpu_seconds=worker.cpu_seconds,
                         )  # fmt: skip
                     )
@@ -198,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="register with the daemon at URL (http://HOST:PORT) and send it heartbeats")
     worker.add_argument("--api-key", default=None,
                         help=f"the daemon's API key (default: ${API_KEY_ENV})")
+    worker.add_argument("--advertise", default=None, metavar="HOST:PORT",
+                        help="the address to register (default: where it listens; needed with --host 0.0.0.0)")
 
     for name, text in (("ps", "list the running daemon's models"), ("stop", "stop the running daemon")):
         p = sub.add_parser(name, help=text)
