@@ -331,3 +331,51 @@ def test_the_blocking_api_loads_a_sharded_model(sharded_model: Path) -> None:
     with sync.load_model(sharded_model, workers=2) as model:
         assert [len(s.layers) for s in model.layout] == [5, 4]
         assert [t.text for t in model.generate(PROMPT, max_tokens=8)]
+
+
+async def test_concurrent_streams_all_resume_exactly(sharded_model: Path, workers: Workers) -> None:
+    """Two streams generating at once on two slots: both are cut, both resume on their own slot."""
+    prompts = [PROMPT, "The sun and the moon"]
+    async with await llamaproc.load_model(sharded_model) as single:
+        refs = [(await single.complete(p, max_tokens=200)).token_ids for p in prompts]
+    ws = await workers(2)
+    async with await llamaproc.load_model(sharded_model, workers=ws, parallel=2) as model:
+        results: dict[int, list[int]] = {}
+        streams: dict[int, llamaproc.TokenStream] = {}
+        both = anyio.Event()
+        counts = [0, 0]
+
+        async def run(i: int) -> None:
+            stream = streams[i] = model.generate(prompts[i], max_tokens=200)
+            ids: list[int] = []
+            async with stream:
+                async for tok in stream:
+                    assert tok.id is not None
+                    ids.append(tok.id)
+                    counts[i] = len(ids)
+                    if i == 0 and len(ids) == 30:
+                        with anyio.fail_after(60):
+                            while counts[1] < 10:  # the other one is generating too
+                                await anyio.sleep(0.001)
+                        os.kill(ws[0].pid, signal.SIGKILL)
+                        both.set()
+            results[i] = ids
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, 0)
+            tg.start_soon(run, 1)
+        assert both.is_set()
+        assert results[0] == refs[0]
+        assert results[1] == refs[1]
+        assert len(streams[0].reshards) == 1 and len(streams[1].reshards) == 1
+
+
+async def test_a_constrained_stream_is_not_resumed(sharded_model: Path, workers: Workers) -> None:
+    ws = await workers(2)
+    async with await llamaproc.load_model(sharded_model, workers=ws) as model:
+        stream = model.generate(PROMPT, max_tokens=300, grammar='root ::= [a-z ]+')
+        with pytest.raises(llamaproc.IncompleteStreamError, match="not resumed"):
+            await collect(stream, at=20, then=lambda: os.kill(ws[0].pid, signal.SIGKILL))
+        # The model itself recovered: the next request is served by the survivor.
+        assert (await model.complete(PROMPT, max_tokens=8)).token_ids
+        assert model.lost_workers == [ws[0].address]

@@ -338,6 +338,7 @@ class ShardedModel(TextModel):
         # Streams cut by a recovery rebuild their context one at a time, each on its own slot; new
         # requests wait until they have (or for a stall timeout at most) so that none takes their slot.
         self._resuming: set[int] = set()
+        self._generating: set[int] = set()  # streams that have received tokens and not ended
         self._serving = anyio.Event()
         self._serving.set()
         self._next_slot = 0
@@ -457,6 +458,8 @@ class ShardedModel(TextModel):
                 await self._replace(reason, evict)
             finally:
                 self._next_slot = 0
+                # Every stream that had tokens is cut and will resume (or end): hold new requests until then.
+                self._resuming |= self._generating
                 if not self._resuming:
                     self._serving.set()
             seconds = time.monotonic() - started
@@ -565,11 +568,16 @@ class ShardedModel(TextModel):
 
     def _take_slot(self, token: int) -> int:
         self._resuming.add(token)
+        if self._serving.is_set():
+            self._serving = anyio.Event()
         slot = self._next_slot % self.parallel
         self._next_slot += 1
         return slot
 
-    def _resumed(self, token: int) -> None:
+    def _resumed(self, token: int, *, ended: bool = False) -> None:
+        """Stream ``token`` continues on the new coordinator (its slot is busy), or ``ended``."""
+        if ended:
+            self._generating.discard(token)
         self._resuming.discard(token)
         if not self._resuming and not self._recover_lock.locked():
             self._serving.set()
@@ -833,6 +841,7 @@ class _ResumingStream(TokenStream):
         resume: _Resume | None = None
         prompt: list[Any] | None = None
         last_token = time.monotonic()
+        explained = False  # the error to raise has been explained already
         try:
             cut = self._cut
             if cut is not None:
@@ -887,6 +896,7 @@ class _ResumingStream(TokenStream):
                                 self._resumed(resume, last_token)
                                 resume = None
                             self._texts.append(token.text)
+                            model._generating.add(self._ticket)
                             yield token
                     if resume is not None:  # the continuation ended at once (e.g. the limit was reached)
                         self._resumed(resume, time.monotonic())
@@ -896,9 +906,18 @@ class _ResumingStream(TokenStream):
                 except LlamaprocError as exc:
                     if self._closed_by_user or self._released:
                         raise ClosedError("the stream was closed") from exc
-                    exc = await model.explain(exc)
-                    if not _resumable(exc) or not self._can_resume():
-                        raise exc
+                    if model._epoch == epoch and not model._recover_lock.locked():
+                        exc = await model.explain(exc)
+                        if not _resumable(exc):
+                            explained = True
+                            raise exc
+                    # else: cut by a recovery under way or done (its old client closed): resume
+                    if not self._can_resume():
+                        explained = True
+                        raise IncompleteStreamError(
+                            "the stream was cut by the loss of a worker and is not resumed: its output is "
+                            "constrained (grammar, json_schema, response_format or tools) or it has several prompts"
+                        ) from exc
                     if len(self._reshards) >= model.max_reshards:
                         raise exc
                     if resume is not None:
@@ -910,15 +929,14 @@ class _ResumingStream(TokenStream):
                     resume = step
         except LlamaprocError as exc:
             error = exc
-            if self._error_hook is not None and not isinstance(exc, (WorkersLostError, ClosedError)):
+            if self._error_hook is not None and not explained and not isinstance(exc, (WorkersLostError, ClosedError)):
                 error = await self._error_hook(exc)
             self._error = error
             if error is exc:
                 raise
             raise error from exc
         finally:
-            if resume is not None:
-                model._resumed(resume.token)
+            model._resumed(self._ticket, ended=True)
             inner_stream = self._inner
             if inner_stream is not None:
                 with anyio.CancelScope(shield=True):

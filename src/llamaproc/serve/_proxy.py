@@ -355,7 +355,7 @@ class _Call:
     async def _relay_stream(
         self, endpoint: Endpoint, path: str, response: UpstreamResponse, resume: _Resume | None = None
     ) -> None:
-        base_url = endpoint.base_url
+        base_url = endpoint.base_url if resume is not None else ""
         last_token = time.monotonic()
         reader = StreamReader(
             response, _KIND[path],  # type: ignore[arg-type]
