@@ -65,6 +65,26 @@ class Result:
         return d
 
 
+def kill_leftovers(*names: str) -> list[int]:
+    """Kill the children of this process whose command line contains one of ``names``; return their pids.
+
+    A stopped one (a worker of the sharded benchmark) is continued first, so that it can die.
+    """
+    import psutil
+
+    left = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            if any(name in cmd for name in names):
+                left.append(p.pid)
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+        except psutil.Error:
+            pass
+    return left
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -61,7 +61,7 @@ REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
-from common import Result, free_port, interleave, median, paired
+from common import Result, free_port, interleave, kill_leftovers, median, paired
 from daemon_helpers import Daemon, llama_servers_of, start_daemon, stop_daemon, write_config
 
 import llamaproc
@@ -582,20 +582,6 @@ def notes(context: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _leftovers() -> list[int]:
-    """llama-server or llamaproc serve processes started by this run and still running (killed)."""
-    left = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-            if "llama-server" in cmd or "llamaproc serve" in cmd:
-                left.append(p.pid)
-                p.kill()
-        except psutil.Error:
-            pass
-    return left
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="llamaproc serve benchmarks (daemon vs. direct llama-server)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
@@ -613,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="llamaproc-bench-daemon-") as d:
             results, context = asyncio.run(run_benchmarks(Path(d), quick=args.quick, profile=args.profile))
     finally:
-        left = _leftovers()
+        left = kill_leftovers("llama-server", "llamaproc serve")
         if left:
             print(f"WARNING: killed processes left running: {left}", file=sys.stderr)
     elapsed = time.perf_counter() - t0

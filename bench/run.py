@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 import traceback
@@ -22,11 +21,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import psutil
 from bench_client import client_cpu_per_token, concurrent_streams
 from bench_gguf import gguf_metadata
 from bench_model import close_latency, generate_throughput, load_overhead
-from common import RESULTS_DIR, Result, Settings, workdir
+from common import RESULTS_DIR, Result, Settings, kill_leftovers, workdir
 from daemon import notes as daemon_notes
 from daemon import run_benchmarks as daemon_benchmarks
 from sharded import notes as sharded_notes
@@ -116,24 +114,6 @@ def table(results: list[Result], errors: dict[str, str]) -> str:
     return "\n".join(lines + legend)
 
 
-def _leftover_servers() -> list[int]:
-    """llama-server or fake-server children of this process that are still running."""
-    left = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "llama-server" in cmd or "fake_server.py" in cmd or "rpc-server" in cmd:
-            left.append(p.pid)
-            try:
-                p.send_signal(signal.SIGCONT)  # a stopped worker of the sharded benchmark
-                p.kill()
-            except psutil.Error:
-                pass
-    return left
-
-
 async def run_all(names: list[str], settings: Settings) -> tuple[list[Result], dict[str, str], dict[str, float]]:
     results: list[Result] = []
     errors: dict[str, str] = {}
@@ -176,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results, errors, durations = anyio.run(run_all, names, settings, backend="asyncio")
         finally:
-            left = _leftover_servers()
+            left = kill_leftovers("llama-server", "fake_server.py", "rpc-server")
     elapsed = time.perf_counter() - t0
 
     print(table(results, errors))

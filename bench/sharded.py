@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import psutil
-from common import RESULTS_DIR, Result, interleave, median, paired
+from common import RESULTS_DIR, Result, interleave, kill_leftovers, median, paired
 
 import llamaproc
 from llamaproc.testing import write_tiny_model
@@ -248,21 +247,6 @@ def notes(context: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _leftovers() -> list[int]:
-    """rpc workers or llama-server started by this run and still running (resumed and killed)."""
-    left = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-            if "rpc-server" in cmd or "llama-server" in cmd:
-                left.append(p.pid)
-                p.send_signal(signal.SIGCONT)
-                p.kill()
-        except psutil.Error:
-            pass
-    return left
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="sharded model benchmarks (rpc workers vs. one process, recovery)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -275,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="llamaproc-bench-sharded-") as d:
             results, context = anyio.run(lambda: run_benchmarks(Path(d), quick=args.quick))
     finally:
-        left = _leftovers()
+        left = kill_leftovers("rpc-server", "llama-server")
         if left:
             print(f"WARNING: killed processes left running: {left}", file=sys.stderr)
     elapsed = time.perf_counter() - t0

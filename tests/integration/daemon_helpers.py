@@ -18,12 +18,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
+
+T = TypeVar("T")
 
 __all__ = [
     "Daemon",
@@ -248,3 +250,31 @@ def running_worker(tmp: Path, *args: str, env: Mapping[str, str] | None = None) 
                 process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+@contextlib.contextmanager
+def running_daemon_checked(config: Path, state_dir: Path, **kwargs: Any) -> Iterator[Daemon]:
+    """:func:`running_daemon` for a module's daemon whose children outlive single tests.
+
+    On exit it checks that the daemon exited 0 and that none of its children
+    (llama-server, rpc workers) survived it.
+    """
+    with running_daemon(config, state_dir, **kwargs) as started:
+        children = psutil.Process(started.pid).children(recursive=True)
+        yield started
+        children += psutil.Process(started.pid).children(recursive=True)
+    assert started.returncode == 0, started.stderr()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"children left running by the daemon: {alive}"
+
+
+def until(what: str, probe: Callable[[], T | None], *, safety: float = 120.0) -> T:
+    """Poll ``probe`` until it returns something other than None or False (``safety``: a net, not a measure)."""
+    deadline = time.monotonic() + safety
+    while True:
+        value = probe()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for {what} after {safety} s")
+        time.sleep(0.05)

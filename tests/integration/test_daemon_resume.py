@@ -15,15 +15,13 @@ import json
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import openai
-import psutil
 import pytest
-from daemon_helpers import Daemon, running_daemon, write_config
+from daemon_helpers import Daemon, running_daemon_checked, until, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamaproc.testing import write_tiny_model
@@ -31,7 +29,6 @@ from llamaproc.testing import write_tiny_model
 pytestmark = pytest.mark.integration
 
 SAFETY = 120.0
-T = TypeVar("T")
 N = 240
 KILL_AT = 40
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
@@ -49,13 +46,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     model = write_tiny_model(tmp / "layers.gguf", n_layers=8, seed=5)
     table = {"path": model, "local_workers": 2, "stall_timeout": "5s"}
     config = write_config(tmp / "serve.toml", {"chat": table, "text": table, "sock": table}, max_loaded_models=3)
-    with running_daemon(config, tmp / "state") as started:
-        children = psutil.Process(started.pid).children(recursive=True)
+    with running_daemon_checked(config, tmp / "state") as started:
         yield started
-        children += psutil.Process(started.pid).children(recursive=True)
-    assert started.returncode == 0, started.stderr()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive, f"children left running by the daemon: {alive}"
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +60,6 @@ def http(daemon: Daemon) -> Iterator[httpx.Client]:
 def client(daemon: Daemon) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=daemon.http + "/v1", api_key="none", timeout=SAFETY, max_retries=0) as c:
         yield c
-
-
-def _until(what: str, probe: Callable[[], T | None]) -> T:
-    deadline = time.monotonic() + SAFETY
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting for {what} after {SAFETY} s")
-        time.sleep(0.05)
 
 
 def _kill_a_worker(http: httpx.Client, model: str) -> str:
@@ -101,7 +82,7 @@ def _job(http: httpx.Client, model: str) -> dict[str, Any]:
 
 
 def _check_recorded(http: httpx.Client, model: str, lost: str) -> None:
-    job = _until("the job to finish", lambda: j if (j := _job(http, model))["status"] != "running" else None)
+    job = until("the job to finish", lambda: j if (j := _job(http, model))["status"] != "running" else None)
     assert job["status"] == "done"
     assert [r["lost"] for r in job["reshards"]] == [[lost]]
     assert job["reshards"][0]["after_tokens"] >= KILL_AT

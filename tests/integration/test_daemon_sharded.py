@@ -10,15 +10,13 @@ it serving, Degraded, with one reshard counted; a ``llamaproc worker
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-import psutil
 import pytest
-from daemon_helpers import Daemon, running_daemon, running_worker, write_config
+from daemon_helpers import Daemon, running_daemon_checked, running_worker, until, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamaproc.testing import write_tiny_model
@@ -27,7 +25,6 @@ pytestmark = pytest.mark.integration
 
 #: A safety net only: every wait below ends as soon as its condition holds.
 SAFETY = 120.0
-T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
@@ -49,31 +46,14 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         {"local": {**small, "local_workers": 2}, "remote": {**small, "workers": "registered"}},
         max_loaded_models=2,
     )
-    with running_daemon(config, tmp / "state") as started:
-        children = psutil.Process(started.pid).children(recursive=True)
+    with running_daemon_checked(config, tmp / "state") as started:
         yield started
-        children += psutil.Process(started.pid).children(recursive=True)
-    assert started.returncode == 0, started.stderr()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive, f"children left running by the daemon: {alive}"
 
 
 @pytest.fixture(scope="module")
 def http(daemon: Daemon) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=daemon.http, timeout=SAFETY) as client:
         yield client
-
-
-def _until(what: str, probe: Callable[[], T | None]) -> T:
-    """Poll ``probe`` until it returns something other than None or False."""
-    deadline = time.monotonic() + SAFETY
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting for {what} after {SAFETY} s")
-        time.sleep(0.05)
 
 
 def _complete(http: httpx.Client, model: str) -> dict[str, Any]:
@@ -146,13 +126,13 @@ def test_local_workers_serve_and_survive_an_eviction(http: httpx.Client) -> None
     assert evicted.status_code == 200, evicted.text
     assert evicted.json()["state"] == "lost"
 
-    status = _until(
+    status = until(
         "the model to reshard onto one worker",
         lambda: s if (s := _model(http, "local"))["lost_workers"] == [gone["address"]] else None,
     )
     assert status["phase"] == "Serving" and _condition(status, "Degraded") == "True"
     assert [s["address"] for s in status["layout"]] == [local[1]["address"]]
-    assert _until("the reshard to be counted", lambda: _reshards(http, "local") or None) == 1.0
+    assert until("the reshard to be counted", lambda: _reshards(http, "local") or None) == 1.0
     survivor = next(w for w in _workers(http) if w["address"] == local[1]["address"])
     assert survivor["state"] == "in use" and survivor["layers"] == status["layout"][0]["layers"]
     _complete(http, "local")
@@ -168,9 +148,9 @@ def test_a_registered_worker_serves_a_registered_model(daemon: Daemon, http: htt
             return next((w for w in _workers(http) if w["address"] == worker.address and w["state"] == "ready"),
                         None)  # fmt: skip
 
-        registered = _until("the worker to register", ready)
+        registered = until("the worker to register", ready)
         assert registered["source"] == "registered" and registered["devices"]
-        body = _until("the model to load over the worker", lambda: _load_remote(http))
+        body = until("the model to load over the worker", lambda: _load_remote(http))
         assert body["choices"][0]["text"] is not None
         entry = next(w for w in _workers(http) if w["address"] == worker.address)
         assert entry["state"] == "in use" and entry["model"] == "remote"

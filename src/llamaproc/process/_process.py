@@ -534,7 +534,7 @@ class ServerProcess:
         code = self._popen.poll()
         if code is not None and not self._group_killed:
             self._group_killed = True
-            self._signal(signal.SIGKILL)
+            _send(self._popen, signal.SIGKILL)
         return code
 
     @property
@@ -685,11 +685,6 @@ class ServerProcess:
 
     # -- stopping -----------------------------------------------------------------------------------
 
-    def _signal(self, sig: int) -> None:
-        _send(self._popen, sig)
-
-    async def _wait_exit(self, timeout: float) -> bool:
-        return await _exits_within(self._poll, timeout)
 
     async def stop(self, *, grace: float | None = None) -> int | None:
         """Stop the child: SIGTERM to its process group, again after 0.2 s, SIGKILL after ``grace`` s.
@@ -707,18 +702,7 @@ class ServerProcess:
             async with self._stop_lock:
                 if self._stopped:
                     return self._popen.returncode
-                if self._poll() is None:
-                    self._signal(signal.SIGTERM)
-                    first = min(grace, _SECOND_TERM)
-                    if not await self._wait_exit(first):
-                        self._signal(signal.SIGTERM)
-                        if not await self._wait_exit(grace - first):
-                            _log.warning(
-                                "llama-server pid %d ignored SIGTERM for %.1f s; sending SIGKILL", self.pid, grace
-                            )
-                            self._signal(signal.SIGKILL)
-                            if not await self._wait_exit(10.0):
-                                raise ProcessError(f"llama-server pid {self.pid} survived SIGKILL")
+                await _terminate(self._popen, self._poll, what="llama-server", grace=grace, second_term=_SECOND_TERM)
                 # _poll() has killed the rest of the group when it saw the exit.
                 self._stopped = True
                 self._finalizer.detach()
@@ -742,7 +726,7 @@ class ServerProcess:
         :meth:`stop` (or :meth:`wait`) then sees the exit and reaps it.
         """
         if self._poll() is None:
-            self._signal(signal.SIGKILL)
+            _send(self._popen, signal.SIGKILL)
 
     def cpu_seconds(self) -> float | None:
         """The child's CPU time so far (user + system), ``None`` once it is gone.
@@ -811,6 +795,29 @@ async def _exits_within(poll: Callable[[], int | None], timeout: float) -> bool:
         await anyio.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.02)
     return True
+
+
+async def _terminate(popen: subprocess.Popen[bytes], poll: Callable[[], int | None], *, what: str, grace: float,
+                     second_term: float | None = None) -> None:
+    """SIGTERM the child's process group (again after ``second_term`` s), SIGKILL after ``grace`` s; wait for its exit.
+
+    ``poll`` reaps it (and kills the rest of its group) once it has exited.
+    """
+    if poll() is not None:
+        return
+    _send(popen, signal.SIGTERM)
+    waited = 0.0
+    if second_term is not None:
+        waited = min(grace, second_term)
+        if await _exits_within(poll, waited):
+            return
+        _send(popen, signal.SIGTERM)
+    if await _exits_within(poll, grace - waited):
+        return
+    _log.warning("%s pid %d ignored SIGTERM for %.1f s; sending SIGKILL", what, popen.pid, grace)
+    _send(popen, signal.SIGKILL)
+    if not await _exits_within(poll, 10.0):
+        raise ProcessError(f"{what} pid {popen.pid} survived SIGKILL")
 
 
 def _cpu_seconds(pid: int) -> float | None:

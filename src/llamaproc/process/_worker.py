@@ -69,7 +69,6 @@ from ..backend import find_backend
 from ..errors import (
     BinaryNotFoundError,
     InvalidArgumentError,
-    ProcessError,
     StartupError,
     StartupTimeoutError,
     WorkerUnreachableError,
@@ -79,12 +78,12 @@ from ._process import (
     OutputBuffer,
     _connect_host,
     _cpu_seconds,
-    _exits_within,
     _finalize,
     _read_output,
     _reap_killed,
     _send,
     _spawn_command,
+    _terminate,
     _wait_exited,
 )
 
@@ -465,14 +464,7 @@ class RpcWorker:
             async with self._close_lock:
                 if self._closed:
                     return self._popen.returncode
-                poll = self._poll
-                if poll() is None:
-                    _send(self._popen, signal.SIGTERM)
-                    if not await _exits_within(poll, grace):
-                        _log.warning("rpc-server pid %d ignored SIGTERM for %.1f s; sending SIGKILL", self.pid, grace)
-                        _send(self._popen, signal.SIGKILL)
-                        if not await _exits_within(poll, 10.0):
-                            raise ProcessError(f"rpc-server pid {self.pid} survived SIGKILL")
+                await _terminate(self._popen, self._poll, what="rpc-server", grace=grace)
                 self._closed = True
                 self._finalizer.detach()
                 # The pipe closes with the child; a grandchild holding it open must not hang us.
