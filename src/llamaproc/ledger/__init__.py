@@ -1,0 +1,1 @@
+"""Memory leases shared across processes (SQLite on one host, Redis for many)."""
