@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
 
 import anyio
+import psutil
 
 from ..client import LlamaClient, TokenStream
 from ..errors import (
@@ -1065,9 +1066,12 @@ async def load_sharded(
             raise InvalidArgumentError(f"workers must be at least 1, not {workers}", param="workers")
         _check_split(split, workers)
         owned: list[RpcWorker] = []
+        # Workers on this machine share its cores: each gets its part (ggml's threads spin while they wait,
+        # so more threads than cores slow everything down).
+        per_worker = threads if threads is not None else max(1, (psutil.cpu_count(logical=False) or 1) // workers)
         try:
             for _ in range(workers):
-                owned.append(await start_worker(threads=threads, binary=launch.backend.binary))
+                owned.append(await start_worker(threads=per_worker, binary=launch.backend.binary))
             model = await load_sharded(
                 launch, workers=owned, split=split, min_workers=min_workers, stall_timeout=stall_timeout,
                 max_reshards=max_reshards, parallel=parallel, threads=threads,
