@@ -7,7 +7,7 @@ rows behind the ledger's back, and leaves a waiter that never renews.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -34,17 +34,17 @@ async def ledger(db: Path) -> AsyncIterator[Ledger]:
 
 
 @pytest.fixture
-def other(db: Path, ledger: Ledger) -> SQLiteStore:
+def other(db: Path, ledger: Ledger) -> Iterator[SQLiteStore]:
     """The same file through another store: what another process sees and does."""
     store = SQLiteStore(db)
-    yield store  # type: ignore[misc]
+    yield store
     store.close()
 
 
-async def until(condition: object, *, limit: float = 30.0) -> None:
+async def until(condition: Callable[[], bool], *, limit: float = 30.0) -> None:
     """Wait until ``condition()`` is true (a safety net of ``limit`` seconds, never a timing assertion)."""
     with anyio.fail_after(limit):
-        while not condition():  # type: ignore[operator]
+        while not condition():
             await anyio.sleep(0.01)
 
 
@@ -164,6 +164,8 @@ async def test_a_holder_that_ignores_the_request_keeps_its_lease(ledger: Ledger)
     batch = await ledger.lease(8, priority="batch")
     with pytest.raises(LeaseTimeoutError):
         await ledger.lease(5, priority="urgent", timeout=3 * TTL)
+    with anyio.fail_after(30):  # the request reaches the holder with its next renewal
+        await batch.preempted()
     assert batch.preempt_requested and not batch.lost
     assert [i.id for i in await ledger.leases()] == [batch.id]
     await batch.release()
