@@ -22,6 +22,9 @@ from .errors import (
     DaemonRequestError,
     IncompleteStreamError,
     InvalidArgumentError,
+    LeaseLostError,
+    LeaseTimeoutError,
+    LedgerError,
     ListenError,
     LlamaprocError,
     ModelFileError,
@@ -47,6 +50,7 @@ from .errors import (
     WorkersLostError,
     WorkerUnreachableError,
 )
+from .ledger import Lease, LeaseInfo, Ledger, open_ledger
 from .model import ShardedModel, TextModel, load_model
 from .process import RpcWorker, ServerProcess, probe_worker, start_worker
 from .runtime import (
@@ -92,6 +96,12 @@ __all__ = [
     "Health",
     "IncompleteStreamError",
     "InvalidArgumentError",
+    "Lease",
+    "LeaseInfo",
+    "LeaseLostError",
+    "LeaseTimeoutError",
+    "Ledger",
+    "LedgerError",
     "ListenError",
     "LlamaClient",
     "LlamaprocError",
@@ -141,6 +151,7 @@ __all__ = [
     "find_backend",
     "load_config",
     "load_model",
+    "open_ledger",
     "probe_worker",
     "read_gguf_info",
     "start_worker",

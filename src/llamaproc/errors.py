@@ -20,6 +20,9 @@
     ├── ConfigError                  a bad serve config file (also ValueError); .path, .problems
     ├── AlreadyRunningError          another daemon holds the pid lock; .pid
     ├── ListenError (also OSError)   the daemon cannot listen on an address or socket path; .where
+    ├── LedgerError                  the memory ledger: its store is unreachable or corrupt
+    │   ├── LeaseTimeoutError        no memory within the timeout; .memory, .free, .capacity, .device
+    │   └── LeaseLostError           a lease expired or was removed while held (renewal failed)
     ├── PoolError                    the model pool of the daemon
     │   ├── ModelNotFoundError       no model of that name in the config
     │   ├── ModelUnavailableError    the model is Failed (too many restarts) or cannot be loaded
@@ -50,6 +53,9 @@ __all__ = [
     "DaemonRequestError",
     "IncompleteStreamError",
     "InvalidArgumentError",
+    "LeaseLostError",
+    "LeaseTimeoutError",
+    "LedgerError",
     "ListenError",
     "LlamaprocError",
     "ModelFileError",
@@ -262,6 +268,29 @@ class ListenError(LlamaprocError, OSError):
 
     def __str__(self) -> str:
         return f"cannot listen on {self.where}: {self.reason}"
+
+
+class LedgerError(LlamaprocError):
+    """The memory ledger failed: its store cannot be reached, or holds something it should not."""
+
+
+class LeaseTimeoutError(LedgerError):
+    """No lease of ``memory`` bytes on ``device`` within the timeout.
+
+    ``free`` and ``capacity`` are the device's free memory and capacity in
+    bytes when the waiter gave up.
+    """
+
+    def __init__(self, message: str, *, memory: int, free: int, capacity: int, device: str) -> None:
+        self.memory = memory
+        self.free = free
+        self.capacity = capacity
+        self.device = device
+        super().__init__(message)
+
+
+class LeaseLostError(LedgerError):
+    """A lease is no longer held: it expired (renewal failed for longer than its TTL) or was removed."""
 
 
 class PoolError(LlamaprocError):

@@ -33,7 +33,6 @@ import os
 import re
 import tomllib
 from collections.abc import Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -56,6 +55,7 @@ from pydantic import (
 )
 
 from ..errors import ConfigError, InvalidArgumentError
+from ..ledger import parse_size as _parse_size
 
 __all__ = [
     "ConfigError",
@@ -77,12 +77,6 @@ _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _DURATION_PART = re.compile(rf"\s*({_NUMBER})\s*(ms|s|m|h|d)")
 _DURATION_RE = re.compile(rf"(?:{_DURATION_PART.pattern})+\s*")
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-_SIZE_RE = re.compile(rf"\s*({_NUMBER})\s*([a-z]*)\s*")
 
 
 def parse_duration(value: str | float) -> float | None:
@@ -117,23 +111,14 @@ def parse_duration(value: str | float) -> float | None:
 
 
 def parse_size(value: str | int) -> int:
-    """Parse a byte size into int bytes.
+    """Parse a byte size into int bytes (the ledger's parser: bytes, or ``"512MiB"``, ``"1.5GB"`` ...).
 
-    Accepts a plain int of bytes or a number with a unit: ``B``, SI ``kB MB GB
-    TB`` (powers of 1000) or IEC ``KiB MiB GiB TiB`` (powers of 1024), case
-    insensitive, e.g. ``"512MiB"`` or ``"1.5GB"``. Fractional bytes round down.
     Raises :class:`ConfigError` (a ``ValueError``) for anything else.
     """
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ConfigError(f"invalid size {value!r}: expected bytes as an integer or a string like '8GiB'")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"invalid size {value!r}: must be >= 0")
-        return value
-    match = _SIZE_RE.fullmatch(value.lower())
-    if match is None or match.group(2) not in _SIZE_UNITS:
-        raise ConfigError(f"invalid size {value!r}: expected e.g. '8GiB', '512MiB', '1.5GB' or a number of bytes")
-    return int(Decimal(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    try:
+        return _parse_size(value)
+    except InvalidArgumentError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _optional_duration(value: Any) -> float | None:
