@@ -19,6 +19,7 @@
     ├── ModelFileError               a GGUF file that cannot be read
     ├── ConfigError                  a bad serve config file (also ValueError); .path, .problems
     ├── AlreadyRunningError          another daemon holds the pid lock; .pid
+    ├── LedgerError                  the memory ledger's store is unreachable or corrupt
     ├── ListenError (also OSError)   the daemon cannot listen on an address or socket path; .where
     ├── PoolError                    the model pool of the daemon
     │   ├── ModelNotFoundError       no model of that name in the config
@@ -50,6 +51,7 @@ __all__ = [
     "DaemonRequestError",
     "IncompleteStreamError",
     "InvalidArgumentError",
+    "LedgerError",
     "ListenError",
     "LlamaprocError",
     "ModelFileError",
@@ -262,6 +264,10 @@ class ListenError(LlamaprocError, OSError):
 
     def __str__(self) -> str:
         return f"cannot listen on {self.where}: {self.reason}"
+
+
+class LedgerError(LlamaprocError):
+    """The memory ledger cannot be used: its store is unreachable, went away, or holds data it cannot read."""
 
 
 class PoolError(LlamaprocError):

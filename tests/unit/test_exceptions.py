@@ -38,6 +38,7 @@ SAMPLES: dict[str, Any] = {
     "ConfigError": lambda cls: cls("bad key", path="/etc/serve.toml", problems=("a: bad", "b: worse")),
     "AlreadyRunningError": lambda cls: cls(Path("/run/llamaproc.pid"), 99),
     "ListenError": lambda cls: cls("127.0.0.1:8484", OSError(98, "Address already in use")),
+    "LedgerError": lambda cls: cls("the ledger's Redis at redis://localhost:6379/0 cannot be reached"),
     "PoolError": lambda cls: cls("pool"),
     "ModelNotFoundError": lambda cls: cls("no model 'x'"),
     "ModelUnavailableError": lambda cls: cls("failed"),
