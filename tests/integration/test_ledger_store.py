@@ -181,8 +181,10 @@ def test_grants_never_exceed_the_capacity_under_contention(open_store: Callable[
         if total > capacity:
             failures.append(f"after {step}: {total} bytes granted of {capacity}: {live}")
 
+    shared = open_store()  # one store used by several threads, as the ledger's worker threads use it
+
     def work(i: int) -> None:
-        store = open_store()
+        store = shared if i % 2 else open_store()
         rng = random.Random(i)
         deadline = time.monotonic() + 4 * SAFETY
         for r in range(rounds):

@@ -26,7 +26,8 @@ rank are never reached), so the head of the set is the next waiter to serve.
 Each script first purges the leases and waiters whose expiry has passed.
 
 The scripts build key names from the prefix, which works on one Redis
-server, not on a Redis Cluster. A granted lease keeps the id of its waiter,
+server (5 or newer: scripts that write after reading ``TIME``), not on a
+Redis Cluster. A granted lease keeps the id of its waiter,
 which makes a repeated grant call (a reply lost to a broken connection, then
 retried) return the same lease instead of granting twice.
 """
