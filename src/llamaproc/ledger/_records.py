@@ -99,11 +99,15 @@ class Store(Protocol):
 
         Waiters are ordered by priority, then arrival (the first call for a
         waiter id records it; later calls refresh its expiry to now + ttl).
-        The lease expires at now + ttl. When it cannot be granted and
+        The lease expires at now + ttl and takes the waiter's id; asking again
+        for a waiter already granted returns its lease (a call repeated after a
+        lost reply never grants twice). When it cannot be granted and
         ``preempt`` is true and the waiter is the first in order, ask holders of
         lower priority to yield, lowest priority first, then the most recently
         granted, and only as many as needed to make room (counting those already
-        asked). Never grants past the capacity, under any interleaving.
+        asked); none when even all of them cannot make room. A device with no
+        stored capacity has a capacity of 0. Never grants past the capacity,
+        under any interleaving.
         """
         ...
 
