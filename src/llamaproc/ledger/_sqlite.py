@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..errors import ClosedError, LedgerError
 from ._records import PRIORITIES, Grant, LeaseRecord, Renewal, Waiter, rank
@@ -145,6 +145,10 @@ class SQLiteStore:
     def try_grant(self, waiter: Waiter, ttl: float, preempt: bool) -> Grant:
         def body(db: sqlite3.Connection, now: float) -> Grant:
             _purge(db, now)
+            capacity, free = _room(db, waiter.device)
+            held = db.execute(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = ?", (waiter.id,)).fetchone()
+            if held is not None:  # granted already (the answer was lost and the call repeated): the same lease
+                return Grant(lease=_record(held), free=free, capacity=capacity)
             row = db.execute("SELECT seq FROM waiters WHERE id = ?", (waiter.id,)).fetchone()
             if row is None:
                 seq = _next(db, "waiter")
@@ -158,14 +162,6 @@ class SQLiteStore:
                 seq = int(row[0])
                 db.execute("UPDATE waiters SET expires = ? WHERE id = ?", (now + ttl, waiter.id))
             my_rank = rank(waiter.priority)
-            cap_row = db.execute("SELECT memory FROM capacity WHERE device = ?", (waiter.device,)).fetchone()
-            capacity = 0 if cap_row is None else int(cap_row[0])
-            used = int(
-                db.execute("SELECT COALESCE(SUM(memory), 0) FROM leases WHERE device = ?", (waiter.device,)).fetchone()[
-                    0
-                ]
-            )
-            free = capacity - used
             ahead = db.execute(
                 "SELECT 1 FROM waiters WHERE device = ? AND id != ? AND (rank < ? OR (rank = ? AND seq < ?)) LIMIT 1",
                 (waiter.device, waiter.id, my_rank, my_rank, seq),
@@ -241,22 +237,7 @@ class SQLiteStore:
             where = "expires >= ?" + ("" if device is None else " AND device = ?")
             args: tuple[object, ...] = (now,) if device is None else (now, device)
             rows = db.execute(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE {where} ORDER BY token", args)
-            return [
-                LeaseRecord(
-                    id=r[0],
-                    token=int(r[1]),
-                    device=r[2],
-                    memory=int(r[3]),
-                    priority=PRIORITIES[int(r[4])],
-                    holder=r[5],
-                    pid=int(r[6]),
-                    host=r[7],
-                    granted=float(r[8]),
-                    expires=float(r[9]),
-                    preempt_requested=None if r[10] is None else float(r[10]),
-                )  # fmt: skip
-                for r in rows
-            ]
+            return [_record(r) for r in rows]
 
         return self._run(body)
 
@@ -289,6 +270,23 @@ class SQLiteStore:
             if not self._closed:
                 self._closed = True
                 self._db.close()
+
+
+def _record(r: tuple[Any, ...]) -> LeaseRecord:
+    """A lease row (the columns of ``_LEASE_COLUMNS``)."""
+    return LeaseRecord(
+        id=r[0], token=int(r[1]), device=r[2], memory=int(r[3]), priority=PRIORITIES[int(r[4])], holder=r[5],
+        pid=int(r[6]), host=r[7], granted=float(r[8]), expires=float(r[9]),
+        preempt_requested=None if r[10] is None else float(r[10]),
+    )  # fmt: skip
+
+
+def _room(db: sqlite3.Connection, device: str) -> tuple[int, int]:
+    """The capacity of ``device`` (0 when none is stored) and the bytes free on it."""
+    cap_row = db.execute("SELECT memory FROM capacity WHERE device = ?", (device,)).fetchone()
+    capacity = 0 if cap_row is None else int(cap_row[0])
+    used = int(db.execute("SELECT COALESCE(SUM(memory), 0) FROM leases WHERE device = ?", (device,)).fetchone()[0])
+    return capacity, capacity - used
 
 
 def _purge(db: sqlite3.Connection, now: float) -> None:
