@@ -22,7 +22,8 @@
     ├── ListenError (also OSError)   the daemon cannot listen on an address or socket path; .where
     ├── LedgerError                  the memory ledger: its store is unreachable or corrupt
     │   ├── LeaseTimeoutError        no memory within the timeout; .memory, .free, .capacity, .device
-    │   └── LeaseLostError           a lease expired or was removed while held (renewal failed)
+    │   ├── LeaseLostError           a lease expired or was removed while held (renewal failed)
+    │   └── InsufficientMemoryError  fit=True found no configuration that fits; .memory, .free, .device
     ├── PoolError                    the model pool of the daemon
     │   ├── ModelNotFoundError       no model of that name in the config
     │   ├── ModelUnavailableError    the model is Failed (too many restarts) or cannot be loaded
@@ -54,6 +55,7 @@ __all__ = [
     "IncompleteStreamError",
     "InvalidArgumentError",
     "LeaseLostError",
+    "InsufficientMemoryError",
     "LeaseTimeoutError",
     "LedgerError",
     "ListenError",
@@ -291,6 +293,16 @@ class LeaseTimeoutError(LedgerError):
 
 class LeaseLostError(LedgerError):
     """A lease is no longer held: it expired (renewal failed for longer than its TTL) or was removed."""
+
+
+class InsufficientMemoryError(LedgerError):
+    """``load_model(fit=True)`` found no configuration whose estimate fits the free memory on the device."""
+
+    def __init__(self, message: str, *, memory: int, free: int, device: str) -> None:
+        super().__init__(message)
+        self.memory = memory  #: bytes the smallest configuration needs
+        self.free = free  #: bytes free on the device when it was checked
+        self.device = device
 
 
 class PoolError(LlamaprocError):

@@ -18,7 +18,9 @@ __all__ = [
     "Device",
     "GGUFInfo",
     "Health",
+    "MemoryEstimate",
     "ModelInfo",
+    "Placement",
     "RequestMetrics",
     "Reshard",
     "Shard",
@@ -201,3 +203,42 @@ class Reshard:
             "replay_seconds": self.replay_seconds,
             "reason": self.reason,
         }
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """What a model needs on one device, in bytes, estimated from its GGUF header.
+
+    ``weights`` (the file's tensors on that device), ``kv_cache`` (for
+    ``ctx_size`` tokens, shared by the slots) and ``compute`` (a margin for
+    llama.cpp's compute buffers). ``total`` is their sum.
+    """
+
+    weights: int
+    kv_cache: int
+    compute: int
+    ctx_size: int
+    gpu_layers: int | None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where and how a model loaded through a ledger runs (``model.placement``).
+
+    ``memory`` is the bytes its lease holds: the estimate, or the figure
+    llama-server reported after the load. ``reason`` says what ``fit=True``
+    reduced to make it fit (``None`` when nothing was).
+    """
+
+    device: str
+    ctx_size: int
+    gpu_layers: int | None
+    memory: int
+    reason: str | None = None

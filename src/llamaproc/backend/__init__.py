@@ -1,5 +1,6 @@
-"""Finding llama-server (and its flavour), and reading GGUF model files' metadata."""
+"""Finding llama-server (and its flavour), reading GGUF model files' metadata, and estimating their memory."""
 
 from ._backend import Backend, Flavour, discover, find_backend, read_gguf_info
+from ._estimate import estimate_memory
 
-__all__ = ["Backend", "Flavour", "discover", "find_backend", "read_gguf_info"]
+__all__ = ["Backend", "Flavour", "discover", "find_backend", "estimate_memory", "read_gguf_info"]

@@ -59,7 +59,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ..backend import read_gguf_info
+from ..backend import estimate_memory as estimate_backend_memory
 from ..errors import (
     InvalidArgumentError,
     LlamaprocError,
@@ -85,33 +85,26 @@ _log = logging.getLogger("llamaproc.pool")
 
 
 def estimate_memory(config: ModelConfig) -> int:
-    """Bytes one loaded model needs: its weights (the file size) plus the KV cache.
+    """Bytes one loaded model needs against ``memory_budget``: its weights plus the KV cache.
 
-    KV cache = 2 (K and V) × layers × context × (embedding width / heads ×
-    KV heads) × 2 bytes (f16). The context is ``ctx_size`` (or a
-    ``--ctx-size``/``-c`` in ``args``), else the model's trained context
-    length. Metadata that is missing counts as no KV cache; a file that is not
-    GGUF counts as its size. Reads the file's header (blocking).
+    The backend's estimator (:func:`llamaproc.backend.estimate_memory`) without
+    its compute margin, for the whole model in host memory. The context is
+    ``ctx_size`` (or a ``--ctx-size``/``-c`` in ``args``), else the model's
+    trained context length. A file that is not GGUF counts as its size. Reads
+    the file's header (blocking).
     """
     path = config.path
+    ctx = _ctx_from_args(config.args)
+    if ctx is None:
+        ctx = config.ctx_size
     try:
-        info = read_gguf_info(path)
+        estimate = estimate_backend_memory(path, ctx_size=ctx)
     except ModelFileError:
         try:
             return path.stat().st_size
         except OSError:
             return 0
-    ctx = _ctx_from_args(config.args)
-    if ctx is None:
-        ctx = config.ctx_size
-    if not ctx:
-        ctx = info.context_length or 0
-    layers = info.block_count or 0
-    width = info.embedding_length or 0
-    heads = info.head_count or 0
-    kv_heads = info.head_count_kv or heads
-    kv_width = width // heads * kv_heads if heads else width
-    return info.size_bytes + 2 * layers * ctx * kv_width * 2
+    return estimate.weights + estimate.kv_cache
 
 
 def _ctx_from_args(args: Sequence[str]) -> int | None:
