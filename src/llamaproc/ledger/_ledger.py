@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import math
 import os
 import socket
@@ -42,6 +43,8 @@ from ._sqlite import SQLiteStore
 __all__ = ["POLL_MAX", "POLL_MIN", "Lease", "LeaseInfo", "Ledger", "default_ledger_path", "open_ledger"]
 
 T = TypeVar("T")
+
+_log = logging.getLogger("llamaproc")
 
 #: A waiter's first poll interval and its ceiling (seconds); the interval doubles in between.
 POLL_MIN = 0.02
@@ -209,6 +212,7 @@ class Lease:
         self._released = False
         self._lost: str | None = None  # why, once lost
         self._preempt_requested = False
+        self._listeners: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         state = "lost" if self._lost else "released" if self._released else "held"
@@ -262,6 +266,30 @@ class Lease:
         """Return when a waiter asked this holder to yield (release soon), or when the lease is lost."""
         await self._signal.wait()
 
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when a preemption is requested and when the lease is lost (at once if it was).
+
+        It runs in the event loop's thread, between tasks, when the ledger's
+        renewal thread hears the news: a way to react to :meth:`preempted`
+        without a task waiting on it. It must not block; it may call
+        :meth:`release_nowait`.
+        """
+        self._listeners.append(callback)
+        if self._signal.is_set():
+            callback()
+
+    def release_nowait(self) -> None:
+        """Give the memory back without waiting: from any thread, in a callback, in a finalizer.
+
+        The lease stops being renewed at once; the ledger's renewal thread
+        releases it in the store soon after (or it expires within the TTL).
+        Idempotent.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._ledger._release_soon(self.id, release=not self.lost)
+
     async def release(self) -> None:
         """Give the memory back. Idempotent; shielded from cancellation.
 
@@ -304,11 +332,21 @@ class Lease:
         """In the event loop's thread."""
         if self._lost is None:
             self._lost = reason
-        self._signal.set()
+            self._signal.set()
+            self._notify()
 
     def _mark_preempted(self) -> None:
-        self._preempt_requested = True
-        self._signal.set()
+        if not self._preempt_requested:
+            self._preempt_requested = True
+            self._signal.set()
+            self._notify()
+
+    def _notify(self) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a listener's failure must not stop the others
+                _log.exception("a listener of lease %s failed", self.id)
 
     async def __aenter__(self) -> Lease:
         return self
@@ -344,6 +382,8 @@ class Ledger:
         self._busy = 0  # store calls in flight
         self._idle: anyio.Event | None = None
         self._stop = threading.Event()
+        self._kick = threading.Event()  # wakes the renewal thread: leases to release, or stop
+        self._to_release: list[str] = []  # under _lock: leases given back by release_nowait()
         self._thread = threading.Thread(target=self._renew_loop, name="llamaproc-ledger-renewal", daemon=True)
         self._thread.start()
 
@@ -501,6 +541,24 @@ class Ledger:
                 await self._call(self._store.release, lease_id)
         self._wake_waiters()
 
+    def _release_soon(self, lease_id: str, *, release: bool) -> None:
+        """Any thread: stop renewing the lease; the renewal thread releases it in the store."""
+        with self._lock:
+            held = self._leases.pop(lease_id, "absent") != "absent"
+            if held and release and not self._closed:
+                self._to_release.append(lease_id)
+        self._kick.set()
+
+    def _release_pending(self) -> None:
+        """In the renewal thread: release the leases given back by :meth:`Lease.release_nowait`."""
+        with self._lock:
+            pending, self._to_release = self._to_release, []
+        for lease_id in pending:
+            with contextlib.suppress(Exception):
+                self._store.release(lease_id)
+        if pending:
+            self._call_soon(self._wake_waiters)
+
     def _wake_waiters(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
@@ -554,7 +612,16 @@ class Ledger:
         """The renewal thread: renew every ttl / 3 until stopped; report preemption and loss to the loop."""
         period = self.ttl / 3
         last_renewed = time.monotonic()
-        while not self._stop.wait(period):
+        next_renewal = last_renewed + period
+        while True:
+            self._kick.wait(max(0.0, next_renewal - time.monotonic()))
+            if self._stop.is_set():
+                return
+            self._kick.clear()
+            self._release_pending()
+            if time.monotonic() < next_renewal:
+                continue
+            next_renewal = time.monotonic() + period
             with self._lock:
                 lease_ids = list(self._leases)
                 waiter_ids = list(self._waiting)
@@ -601,13 +668,15 @@ class Ledger:
                 self._idle = anyio.Event()
                 await self._idle.wait()
             self._stop.set()
+            self._kick.set()
             await anyio.to_thread.run_sync(self._thread.join)
             with self._lock:
                 held = dict(self._leases)
                 waiting = list(self._waiting)
+                pending, self._to_release = self._to_release, []
                 self._leases.clear()
                 self._waiting.clear()
-            await anyio.to_thread.run_sync(self._give_back, list(held), waiting)
+            await anyio.to_thread.run_sync(self._give_back, [*held, *pending], waiting)
             for lease in held.values():
                 if lease is not None:
                     lease._mark_lost("the ledger was closed")
