@@ -3,7 +3,7 @@
 from ._capacity import detect_capacity
 from ._ledger import Lease, LeaseInfo, Ledger, default_ledger_path, open_ledger
 from ._records import PRIORITIES, Grant, LeaseRecord, Priority, Renewal, Store, Waiter, rank
-from ._size import parse_size
+from ._size import parse_duration, parse_size
 from ._sqlite import SQLiteStore
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "default_ledger_path",
     "detect_capacity",
     "open_ledger",
+    "parse_duration",
     "parse_size",
     "rank",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -34,9 +36,11 @@ from ..errors import (
     ServerHungError,
     TransportError,
 )
+from ..ledger import Lease, Ledger, Priority, parse_duration
 from ..process import ServerProcess
 from ..protocol import MAX_TOKENS, TEMPERATURE, chat_params, check_inputs, check_int, check_prompt, completion_params
-from ..types import Completion, GGUFInfo, Health, ModelInfo, RequestMetrics, Shard
+from ..types import Completion, GGUFInfo, Health, ModelInfo, Placement, RequestMetrics, Shard
+from ._placement import choose, measured_memory
 
 __all__ = ["TextModel", "load_model"]
 
@@ -44,6 +48,10 @@ _log = logging.getLogger("llamaproc")
 
 #: How long a request's failure waits for the child's exit status when the connection was cut (the cut is seen first).
 _EXIT_WAIT = 0.5
+#: How long the load waits for llama-server's buffer sizes to reach the output buffer after /health answers.
+_LOG_WAIT = 2.0
+#: How often a call waiting for a preempted model to drain looks again (seconds).
+_DRAIN_POLL = 0.05
 
 
 class TextModel:
@@ -79,6 +87,9 @@ class TextModel:
         self.last_metrics: RequestMetrics | None = None
         # Kills the server of a model dropped without close(); holds the process, not this object.
         self._finalizer = weakref.finalize(self, _unclosed, process, f"{path.name} (llama-server pid {process.pid})")
+        #: Where the model runs and the memory its lease holds (models loaded with a ledger), else ``None``.
+        self.placement: Placement | None = None
+        self._managed: _Managed | None = None
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -174,9 +185,18 @@ class TextModel:
         self.last_error = error
         return error
 
+    @property
+    def loaded(self) -> bool:
+        """False while a model loaded with a ledger is unloaded (preempted, idle, lease lost) until its next call."""
+        return self._managed is None or self._managed.unloaded is None
+
     def _check(self) -> None:
         if self._closed:
             raise ClosedError("the model is closed")
+        if self._managed is not None and self._managed.unloaded is not None:
+            raise ClosedError(
+                f"the model is unloaded ({self._managed.unloaded}): an awaited call such as complete() reloads it"
+            )
         if self._process.returncode is not None:
             self.last_error = error = self._crashed()
             raise error
@@ -194,6 +214,15 @@ class TextModel:
         )
 
     async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._managed is not None:
+            await self._managed.enter(self)
+            try:
+                return await self._call_now(getattr(self._client, method.__name__), *args, **kwargs)
+            finally:
+                self._managed.leave()
+        return await self._call_now(method, *args, **kwargs)
+
+    async def _call_now(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         self._check()
         try:
             return await method(*args, **kwargs)
@@ -327,7 +356,11 @@ class TextModel:
             try:
                 await self._client.aclose()
             finally:
-                await self._process.stop()
+                try:
+                    await self._process.stop()
+                finally:
+                    if self._managed is not None:
+                        await self._managed.close()
 
 
 def _unclosed(process: ServerProcess, what: str, _warn: Callable[..., None] = warnings.warn) -> None:
@@ -364,6 +397,14 @@ async def load_model(
     min_workers: int = 1,
     stall_timeout: float = 10.0,
     max_reshards: int = 3,
+    ledger: Ledger | None = None,
+    priority: Priority = "normal",
+    device: str = "cpu",
+    lease_timeout: float | None = None,
+    preempt_grace: float = 30.0,
+    idle_unload: str | float | None = None,
+    fit: bool = False,
+    min_ctx_size: int = 1024,
 ) -> TextModel:
     """Start llama-server for the GGUF at ``path``; return when it answers ``/health``.
 
@@ -385,11 +426,41 @@ async def load_model(
     (``"capacity"``: by each worker's free memory, ``"uniform"``, or one
     weight per worker), ``min_workers``, ``stall_timeout`` and
     ``max_reshards`` for its failover.
+
+    ``ledger`` (from :func:`open_ledger`) makes the model hold a memory lease
+    while it is loaded, shared with every process that uses the same ledger.
+    The model's estimate (:func:`llamaproc.backend.estimate_memory`: weights,
+    KV cache for ``ctx_size``, compute margin) is leased on ``device`` at
+    ``priority`` before the server starts, holder the file name, waiting up to
+    ``lease_timeout`` seconds (default: ``startup_timeout``; then
+    :class:`LeaseTimeoutError`); once loaded the lease is resized to the
+    buffers llama-server reports (it runs at log verbosity 4 to print them).
+    ``model.placement`` says what was loaded. ``fit=True``: when the estimate
+    exceeds the memory free on the device, fewer GPU layers (on a GPU
+    device), then half the context at a time (not below ``min_ctx_size``); the
+    first that fits is loaded, ``placement.reason`` says what was reduced, and
+    :class:`InsufficientMemoryError` says when nothing fits.
+
+    Such a model may be unloaded and reloaded behind its callers: when a
+    waiter of higher priority asks for the memory (in-flight calls finish
+    first, for ``preempt_grace`` seconds at most), when the lease is lost
+    (the server is stopped at once), and after ``idle_unload`` (seconds or
+    ``"5m"``) without calls. The next awaited call (``complete``, ``embed``,
+    ``tokenize`` ...) takes a new lease and restarts the server; calls during
+    the reload wait for it. ``generate()``/``chat()`` streams need a loaded
+    model (see :attr:`TextModel.loaded`). No background task does this: the
+    ledger's renewal thread calls a listener in the event loop, which kills an
+    idle server (a signal, safe from any thread) and gives the lease back with
+    :meth:`Lease.release_nowait`; a busy one is unloaded when its last call
+    ends, or by a timer thread after the grace; the idle deadline is a timer
+    thread too, and is also checked on each call.
     """
     check_int("parallel", parallel, minimum=1)
     check_int("ctx_size", ctx_size, minimum=0, optional=True)
     check_int("gpu_layers", gpu_layers, optional=True)
     check_int("threads", threads, optional=True)
+    check_int("min_ctx_size", min_ctx_size, minimum=1)
+    idle_seconds = _check_managed(ledger, workers, idle_unload, preempt_grace, lease_timeout)
     if pooling is not None and not isinstance(pooling, str):
         raise InvalidArgumentError(f"pooling must be a string such as 'mean' or None, not {pooling!r}")
     if isinstance(args, (str, bytes)) or not isinstance(args, Sequence) or not all(isinstance(a, str) for a in args):
@@ -404,6 +475,20 @@ async def load_model(
         raise ModelFileError(f"model file {what}: {model_path}")
     backend = find_backend(binary)
     argv: list[str] = ["--model", str(model_path), "--parallel", str(parallel), "--metrics", "--slots"]
+    placement: Placement | None = None
+    if ledger is not None:
+        free = await _free_memory(ledger, device) if fit else None
+        estimate, reason = await anyio.to_thread.run_sync(
+            lambda: choose(model_path, ctx_size=ctx_size, gpu_layers=gpu_layers, device=device, free=free,
+                           min_ctx_size=min_ctx_size),
+            abandon_on_cancel=True,
+        )  # fmt: skip
+        ctx_size, gpu_layers = estimate.ctx_size, estimate.gpu_layers
+        placement = Placement(
+            device=device, ctx_size=estimate.ctx_size, gpu_layers=estimate.gpu_layers, memory=estimate.total,
+            reason=reason,
+        )  # fmt: skip
+        argv += ["--log-verbosity", "4"]  # the buffer sizes the lease is corrected with
     if ctx_size is not None:
         argv += ["--ctx-size", str(ctx_size)]
     if gpu_layers is not None:
@@ -438,8 +523,262 @@ async def load_model(
             launch, workers=workers, split=split, min_workers=min_workers, stall_timeout=stall_timeout,
             max_reshards=max_reshards, parallel=parallel, threads=threads,
         )  # fmt: skip
-    process, client, api_key = await launch.start()
-    return TextModel(process, client, path=model_path, backend=backend, api_key=api_key)
+    if ledger is None or placement is None:
+        process, client, api_key = await launch.start()
+        return TextModel(process, client, path=model_path, backend=backend, api_key=api_key)
+    managed = _Managed(
+        ledger, launch, placement, priority=priority, holder=model_path.name,
+        lease_timeout=startup_timeout if lease_timeout is None else lease_timeout,
+        preempt_grace=preempt_grace, idle_unload=idle_seconds,
+    )  # fmt: skip
+    lease, process, client, api_key = await managed.load()
+    model = TextModel(process, client, path=model_path, backend=backend, api_key=api_key)
+    model._managed = managed
+    managed.attach(model, lease)
+    return model
+
+
+def _check_managed(
+    ledger: Ledger | None, workers: object, idle_unload: object, preempt_grace: object, lease_timeout: object
+) -> float | None:
+    if ledger is not None and not isinstance(ledger, Ledger):
+        raise InvalidArgumentError(f"ledger must be a Ledger from open_ledger(), not {ledger!r}", param="ledger")
+    if ledger is not None and workers is not None:
+        raise InvalidArgumentError("a model split over rpc workers cannot be loaded through a ledger", param="ledger")
+    for name, value in (("preempt_grace", preempt_grace), ("lease_timeout", lease_timeout)):
+        if value is None and name == "lease_timeout":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise InvalidArgumentError(f"{name} must be seconds >= 0, not {value!r}", param=name)
+    if idle_unload is None:
+        return None
+    if ledger is None:
+        raise InvalidArgumentError("idle_unload needs a ledger (load_model(..., ledger=...))", param="idle_unload")
+    if isinstance(idle_unload, bool) or not isinstance(idle_unload, (str, int, float)):
+        raise InvalidArgumentError(f"idle_unload must be seconds or a duration like '5m', not {idle_unload!r}")
+    return parse_duration(idle_unload)
+
+
+async def _free_memory(ledger: Ledger, device: str) -> int:
+    """Bytes not leased on ``device`` now."""
+    capacities = await ledger.capacity()
+    name = device if device in capacities else f"{ledger.host}/{device}"
+    if name not in capacities:
+        known = ", ".join(sorted(capacities)) or "none"
+        raise InvalidArgumentError(f"the ledger has no device {device!r} (devices: {known})", param="device")
+    held = sum(lease.memory for lease in await ledger.leases(device))
+    return max(0, capacities[name] - held)
+
+
+class _Managed:
+    """The lease and the unload/reload life of a model loaded through a ledger.
+
+    State shared with the timer threads and the ledger's listener is under
+    ``_lock``: the calls in flight, whether (and why) the server is unloaded,
+    a preemption waiting for the calls to end, and the current timer.
+    """
+
+    def __init__(
+        self, ledger: Ledger, launch: Launch, placement: Placement, *, priority: Priority, holder: str,
+        lease_timeout: float, preempt_grace: float, idle_unload: float | None,
+    ) -> None:  # fmt: skip
+        self.ledger = ledger
+        self.launch = launch
+        self.placement = placement
+        self.priority = priority
+        self.holder = holder
+        self.lease_timeout = lease_timeout
+        self.preempt_grace = preempt_grace
+        self.idle_unload = idle_unload
+        self.lease: Lease | None = None
+        self.model: weakref.ref[TextModel] | None = None
+        self.unloaded: str | None = None  # why, while unloaded
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._draining = False
+        self._timer: threading.Timer | None = None
+        self._last_used = time.monotonic()
+        self._reloading = anyio.Lock()
+
+    async def load(self) -> tuple[Lease, ServerProcess, LlamaClient, str]:
+        """Take the lease, start the server, correct the lease with what the server reports."""
+        lease = await self.ledger.lease(
+            self.placement.memory, device=self.placement.device, priority=self.priority, holder=self.holder,
+            timeout=self.lease_timeout,
+        )  # fmt: skip
+        try:
+            process, client, api_key = await self.launch.start()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await lease.release()
+            raise
+        try:
+            await self._correct(lease, process)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+                await process.stop()
+                await lease.release()
+            raise
+        return lease, process, client, api_key
+
+    async def _correct(self, lease: Lease, process: ServerProcess) -> None:
+        with anyio.move_on_after(_LOG_WAIT):
+            while not any(mark in process.output.text() for mark in ("model loaded", "listening on")):
+                await anyio.sleep(0.02)
+        measured = measured_memory(process.output.lines(), self.placement.device)
+        if measured is not None and measured > 0 and measured != lease.memory:
+            if await lease.resize(measured):
+                _log.debug("%s: lease corrected from %d to %d bytes", self.holder, self.placement.memory, measured)
+            else:
+                _log.warning("%s uses %d bytes, more than its lease of %d; no room to grow it",
+                             self.holder, measured, lease.memory)  # fmt: skip
+        self.placement = Placement(
+            device=self.placement.device, ctx_size=self.placement.ctx_size, gpu_layers=self.placement.gpu_layers,
+            memory=lease.memory, reason=self.placement.reason,
+        )  # fmt: skip
+
+    def attach(self, model: TextModel, lease: Lease) -> None:
+        """In the event loop: the model runs under ``lease`` now."""
+        self.model = weakref.ref(model)
+        model.placement = self.placement
+        self.lease = lease
+        with self._lock:
+            self.unloaded = None
+            self._draining = False
+            self._last_used = time.monotonic()
+        lease.add_listener(lambda: self._on_lease(lease))
+        with self._lock:
+            self._arm_idle_timer()
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    async def enter(self, model: TextModel) -> None:
+        """Before a call: reload when unloaded (or wait for a preempted model to drain); count the call."""
+        while True:
+            if model._closed:
+                raise ClosedError("the model is closed")
+            with self._lock:
+                self._cancel_timer()
+                idle = self.idle_unload is not None and time.monotonic() - self._last_used >= self.idle_unload
+                if self.unloaded is None and self._in_flight == 0 and idle:
+                    self._unload_now(model, "idle")
+                if self.unloaded is None and not self._draining:
+                    self._in_flight += 1
+                    return
+                draining = self._draining
+            if draining:
+                await anyio.sleep(_DRAIN_POLL)
+            else:
+                await self._reload(model)
+
+    def leave(self) -> None:
+        """After a call: unload a preempted model once its last call ended; arm the idle timer."""
+        model = self.model() if self.model is not None else None
+        with self._lock:
+            self._in_flight -= 1
+            self._last_used = time.monotonic()
+            if self._in_flight == 0 and model is not None:
+                if self._draining:
+                    self._unload_now(model, "preempted by a waiter of higher priority")
+                else:
+                    self._arm_idle_timer()
+
+    async def _reload(self, model: TextModel) -> None:
+        async with self._reloading:
+            if self.unloaded is None or model._closed:
+                return
+            old_process, old_client = model._process, model._client
+            with anyio.CancelScope(shield=True):
+                await old_client.aclose()
+                await old_process.stop()
+                if self.lease is not None:
+                    await self.lease.release()
+            lease, process, client, api_key = await self.load()
+            if model._closed:  # closed while loading
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
+                    await process.stop()
+                    await lease.release()
+                raise ClosedError("the model was closed during its reload")
+            model._process, model._client, model._api_key, model._hung = process, client, api_key, None
+            model._finalizer = weakref.finalize(
+                model, _unclosed, process, f"{model.path.name} (llama-server pid {process.pid})"
+            )
+            self.reloads += 1
+            _log.debug("reloaded %s: pid %d", model.path.name, process.pid)
+            self.attach(model, lease)
+
+    # -- unloading (any thread) -------------------------------------------------------------------
+
+    def _on_lease(self, lease: Lease) -> None:
+        """The ledger's listener, in the event loop: the lease is lost, or a waiter asks for it."""
+        model = self.model() if self.model is not None else None
+        if model is None or lease is not self.lease or model._closed:
+            return
+        with self._lock:
+            if self.unloaded is not None:
+                return
+            if lease.lost:
+                self._unload_now(model, "its lease was lost")
+            elif self._in_flight == 0:
+                self._unload_now(model, "preempted by a waiter of higher priority")
+            elif not self._draining:
+                self._draining = True
+                self._start_timer(self.preempt_grace, self._grace_over)
+
+    def _unload_now(self, model: TextModel, reason: str) -> None:
+        """Under ``_lock``, from any thread: kill the server and give the lease back without waiting."""
+        self._cancel_timer()
+        self.unloaded = reason
+        self._draining = False
+        model._process.kill()
+        if self.lease is not None:
+            self.lease.release_nowait()
+        _log.debug("unloaded %s: %s", model.path.name, reason)
+
+    def _start_timer(self, delay: float, action: Callable[[threading.Timer], None]) -> None:
+        self._cancel_timer()
+        timer: threading.Timer
+
+        def fire() -> None:
+            action(timer)
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm_idle_timer(self) -> None:
+        if self.idle_unload is not None and self.unloaded is None and self._in_flight == 0:
+            self._start_timer(self.idle_unload, self._idle_over)
+
+    def _idle_over(self, timer: threading.Timer) -> None:
+        model = self.model() if self.model is not None else None
+        with self._lock:
+            if timer is self._timer and model is not None and not model._closed and self._in_flight == 0:
+                if self.unloaded is None:
+                    self._unload_now(model, "idle")
+
+    def _grace_over(self, timer: threading.Timer) -> None:
+        model = self.model() if self.model is not None else None
+        with self._lock:
+            if timer is self._timer and model is not None and not model._closed and self._draining:
+                self._unload_now(model, f"preempted; calls still running after the grace of {self.preempt_grace} s")
+
+    async def close(self) -> None:
+        """After the server stopped: stop the timer and release the lease (shielded)."""
+        with self._lock:
+            self._cancel_timer()
+        if self.lease is not None:
+            with anyio.CancelScope(shield=True):
+                await self.lease.release()
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import itertools
 import math
 import os
 import re
@@ -55,6 +54,7 @@ from pydantic import (
 )
 
 from ..errors import ConfigError, InvalidArgumentError
+from ..ledger import parse_duration as _parse_duration
 from ..ledger import parse_size as _parse_size
 
 __all__ = [
@@ -72,42 +72,16 @@ __all__ = [
 
 # --- durations and sizes -------------------------------------------------------------------------
 
-_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_DURATION_PART = re.compile(rf"\s*({_NUMBER})\s*(ms|s|m|h|d)")
-_DURATION_RE = re.compile(rf"(?:{_DURATION_PART.pattern})+\s*")
-
-
-
 def parse_duration(value: str | float) -> float | None:
-    """Parse a duration into seconds; ``None`` means disabled.
+    """Parse a duration into seconds; ``None`` means disabled (the ledger's parser: ``30``, ``"5m"``, ``"1h30m"``).
 
-    Accepts a plain number of seconds (``30``, ``1.5``, ``"30"``) or a string of
-    number-unit parts in decreasing order (``"300ms"``, ``"5m"``, ``"1h30m"``;
-    units ``d h m s ms``). ``0``, any zero duration and ``"never"`` disable.
-    Raises :class:`ConfigError` (a ``ValueError``) for anything else.
+    ``0``, any zero duration and ``"never"`` disable. Raises
+    :class:`ConfigError` (a ``ValueError``) for anything else.
     """
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ConfigError(f"invalid duration {value!r}: expected a string like '30s' or a number of seconds")
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "never":
-            return None
-        if re.fullmatch(_NUMBER, text):
-            seconds = float(text)
-        elif _DURATION_RE.fullmatch(text):
-            parts = _DURATION_PART.findall(text)
-            factors = [_DURATION_UNITS[unit] for _, unit in parts]
-            if any(a <= b for a, b in itertools.pairwise(factors)):
-                raise ConfigError(f"invalid duration {value!r}: units must appear once each, largest first")
-            seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
-        else:
-            raise ConfigError(f"invalid duration {value!r}: expected e.g. '300ms', '30s', '5m', '1h30m' or 'never'")
-    else:
-        seconds = float(value)
-        if not math.isfinite(seconds) or seconds < 0:
-            raise ConfigError(f"invalid duration {value!r}: must be a finite number of seconds >= 0")
-    return seconds if seconds > 0 else None
+    try:
+        return _parse_duration(value)
+    except InvalidArgumentError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_size(value: str | int) -> int:
