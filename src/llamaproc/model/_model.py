@@ -702,6 +702,7 @@ class _Managed:
                     await process.stop()
                     await lease.release()
                 raise ClosedError("the model was closed during its reload")
+            model._finalizer.detach()  # the old server is stopped
             model._process, model._client, model._api_key, model._hung = process, client, api_key, None
             model._finalizer = weakref.finalize(
                 model, _unclosed, process, f"{model.path.name} (llama-server pid {process.pid})"
