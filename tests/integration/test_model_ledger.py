@@ -122,3 +122,47 @@ async def test_idle_unload_unloads_and_the_next_call_reloads(tiny_model: Path, t
             assert (await model.complete("the cat", max_tokens=8)).text == expected
             assert model.pid != first_pid
         assert await ledger.leases() == []
+
+
+async def test_a_stream_reloads_an_unloaded_model_and_holds_off_its_preemption(
+    tiny_model: Path, second_model: Path, tmp_path: Path
+) -> None:
+    capacity = one_model(tiny_model) + 1
+    async with await llamaproc.open_ledger(f"sqlite://{tmp_path}/l.db", capacity={"cpu": capacity}, ttl=3) as ledger:
+        async with await llamaproc.load_model(
+            tiny_model, ctx_size=CTX, ledger=ledger, priority="batch", idle_unload=3600
+        ) as first:
+            expected = (await first.complete("the cat", max_tokens=24)).token_ids
+            async with await llamaproc.load_model(
+                second_model, ctx_size=CTX, ledger=ledger, priority="urgent", lease_timeout=30
+            ) as second:
+                assert not first.loaded
+                assert (await second.complete("hi", max_tokens=4)).text
+            # A stream on the unloaded model reloads it when it starts.
+            async with first.generate("the cat", max_tokens=24) as stream:
+                ids = [tok.id async for tok in stream]
+            assert ids == expected and first.loaded
+            # While a stream runs, an urgent waiter's request waits for it to end.
+            async with first.generate("the cat", max_tokens=24) as stream:
+                it = stream.__aiter__()
+                ids = [(await it.__anext__()).id]
+                granted = anyio.Event()
+
+                async def urgent() -> None:
+                    async with await llamaproc.load_model(
+                        second_model, ctx_size=CTX, ledger=ledger, priority="urgent", lease_timeout=30
+                    ):
+                        granted.set()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(urgent)
+                    with anyio.fail_after(30):
+                        while not any(w for w in await ledger.leases() if w.preempt_requested):
+                            await anyio.sleep(0.01)
+                    assert first.loaded and not granted.is_set()  # asked, but the stream still runs
+                    ids += [tok.id async for tok in it]
+                    assert ids == expected
+                    await stream.aclose()  # the stream ends: the model gives its memory to the waiter
+                    with anyio.fail_after(30):
+                        await granted.wait()
+                assert not first.loaded

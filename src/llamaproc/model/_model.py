@@ -13,12 +13,13 @@ import os
 import secrets
 import threading
 import time
+import types
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx
@@ -39,7 +40,7 @@ from ..errors import (
 from ..ledger import Lease, Ledger, Priority, parse_duration
 from ..process import ServerProcess
 from ..protocol import MAX_TOKENS, TEMPERATURE, chat_params, check_inputs, check_int, check_prompt, completion_params
-from ..types import Completion, GGUFInfo, Health, ModelInfo, Placement, RequestMetrics, Shard
+from ..types import Completion, GGUFInfo, Health, ModelInfo, Placement, RequestMetrics, Shard, Token
 from ._placement import choose, measured_memory
 
 __all__ = ["TextModel", "load_model"]
@@ -266,6 +267,9 @@ class TextModel:
         :class:`InvalidArgumentError` here, before anything is sent.
         """
         params = completion_params(max_tokens, temperature, stop, params)
+        if self._managed is not None:
+            check_prompt(prompt)
+            return _ManagedStream(self, lambda client: client.stream_completion(prompt, **params))
         self._check()
         return self._stream(self._client.stream_completion(prompt, **params))
 
@@ -283,6 +287,8 @@ class TextModel:
         ``messages`` is a sequence of mappings (``{"role": ..., "content": ...}``).
         """
         params = chat_params(messages, max_tokens, temperature, stop, params)
+        if self._managed is not None:
+            return _ManagedStream(self, lambda client: client.stream_chat(messages, **params))
         self._check()
         return self._stream(self._client.stream_chat(messages, **params))
 
@@ -361,6 +367,85 @@ class TextModel:
                 finally:
                     if self._managed is not None:
                         await self._managed.close()
+
+
+class _ManagedStream(TokenStream):
+    """A stream of a model loaded through a ledger.
+
+    The request is made on first use, after the model is reloaded if it was
+    unloaded (preempted, idle, lease lost), and the stream counts as a call in
+    flight until it ends: a preempted model unloads only after it.
+    """
+
+    __slots__ = ("_model", "_make", "_inner", "_hooks")
+
+    def __init__(self, model: TextModel, make: Callable[[LlamaClient], TokenStream]) -> None:
+        self._model = model
+        self._make = make
+        self._inner: TokenStream | None = None
+        self._hooks: dict[str, Any] = {}
+        self._agen = None
+
+    @property
+    def result(self) -> Completion | None:
+        return None if self._inner is None else self._inner.result
+
+    @property
+    def error(self) -> LlamaprocError | None:
+        return None if self._inner is None else self._inner.error
+
+    @property
+    def error_hook(self) -> Any:
+        return self._hooks.get("error_hook", self._model.explain)
+
+    @error_hook.setter
+    def error_hook(self, hook: Any) -> None:
+        self._hooks["error_hook"] = hook
+
+    @property
+    def done_hook(self) -> Callable[[Completion], None] | None:
+        return self._hooks.get("done_hook", self._model._finished)  # type: ignore[no-any-return]
+
+    @done_hook.setter
+    def done_hook(self, hook: Callable[[Completion], None] | None) -> None:
+        self._hooks["done_hook"] = hook
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [] if self._inner is None else self._inner.token_ids
+
+    def __aiter__(self) -> types.AsyncGeneratorType[Token, None]:
+        agen = self._agen
+        if agen is None:
+            agen = self._agen = cast("types.AsyncGeneratorType[Token, None]", self._iterate())
+        return agen
+
+    async def __anext__(self) -> Token:
+        return await self.__aiter__().__anext__()
+
+    async def _iterate(self) -> AsyncGenerator[Token, None]:
+        model = self._model
+        managed = model._managed
+        assert managed is not None
+        await managed.enter(model)
+        try:
+            model._check()
+            inner = self._inner = self._make(model._client)
+            inner.error_hook = self.error_hook
+            inner.done_hook = self.done_hook
+            async with inner:
+                async for token in inner:
+                    yield token
+        finally:
+            managed.leave()
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._inner is not None:
+                await self._inner.aclose()
+            agen = self._agen
+            if agen is not None and not agen.ag_running:
+                await agen.aclose()
 
 
 def _unclosed(process: ServerProcess, what: str, _warn: Callable[..., None] = warnings.warn) -> None:
@@ -445,10 +530,10 @@ async def load_model(
     waiter of higher priority asks for the memory (in-flight calls finish
     first, for ``preempt_grace`` seconds at most), when the lease is lost
     (the server is stopped at once), and after ``idle_unload`` (seconds or
-    ``"5m"``) without calls. The next awaited call (``complete``, ``embed``,
-    ``tokenize`` ...) takes a new lease and restarts the server; calls during
-    the reload wait for it. ``generate()``/``chat()`` streams need a loaded
-    model (see :attr:`TextModel.loaded`). No background task does this: the
+    ``"5m"``) without calls. The next call (``complete``, ``embed``, a stream
+    of ``generate``/``chat`` when it starts ...) takes a new lease and restarts
+    the server; calls during the reload wait for it; a stream counts as a call
+    in flight until it ends. No background task does this: the
     ledger's renewal thread calls a listener in the event loop, which kills an
     idle server (a signal, safe from any thread) and gives the lease back with
     :meth:`Lease.release_nowait`; a busy one is unloaded when its last call
