@@ -27,6 +27,7 @@ from bench_model import close_latency, generate_throughput, load_overhead
 from common import RESULTS_DIR, Result, Settings, kill_leftovers, workdir
 from daemon import notes as daemon_notes
 from daemon import run_benchmarks as daemon_benchmarks
+from ledger import ledger_costs
 from sharded import notes as sharded_notes
 from sharded import run_benchmarks as sharded_benchmarks
 from upstream import upstream_client
@@ -67,6 +68,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Awaitable[list[Result]]]] = {
     "daemon": daemon,
     "sharded": sharded,
     "upstream_client": upstream_client,
+    "ledger": ledger_costs,
 }
 
 
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results, errors, durations = anyio.run(run_all, names, settings, backend="asyncio")
         finally:
-            left = kill_leftovers("llama-server", "fake_server.py", "rpc-server")
+            left = kill_leftovers("llama-server", "fake_server.py", "rpc-server", "redis-server")
     elapsed = time.perf_counter() - t0
 
     print(table(results, errors))
