@@ -62,7 +62,12 @@ def holding(address: str) -> Iterator[socket.socket]:
     host, port = parse_address(address)
     with socket.create_connection((host, port), timeout=30) as client:
         client.sendall(HELLO)
-        assert len(client.recv(64)) == 8 + 28
+        reply = b""
+        while len(reply) < 8 + 28:  # the reply may come in pieces
+            chunk = client.recv(64)
+            assert chunk, f"the worker closed the connection after {reply!r}"
+            reply += chunk
+        assert len(reply) == 8 + 28
         yield client
 
 

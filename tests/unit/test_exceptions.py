@@ -40,6 +40,7 @@ SAMPLES: dict[str, Any] = {
     "ListenError": lambda cls: cls("127.0.0.1:8484", OSError(98, "Address already in use")),
     "LedgerError": lambda cls: cls("cannot open the ledger database"),
     "LeaseTimeoutError": lambda cls: cls("no memory", memory=2**30, free=2**20, capacity=2**31, device="gpu0"),
+    "InsufficientMemoryError": lambda cls: cls("nothing fits", memory=2**30, free=2**20, device="cpu"),
     "LeaseLostError": lambda cls: cls("lease expired"),
     "PoolError": lambda cls: cls("pool"),
     "ModelNotFoundError": lambda cls: cls("no model 'x'"),
