@@ -363,8 +363,12 @@ class TokenStream:
     def __aiter__(self) -> types.AsyncGeneratorType[Token, None]:
         agen = self._agen
         if agen is None:
-            agen = self._agen = cast("types.AsyncGeneratorType[Token, None]", _iterate(self._state))
+            agen = self._agen = cast("types.AsyncGeneratorType[Token, None]", self._begin())
         return agen
+
+    def _begin(self) -> AsyncGenerator[Token, None]:
+        """The iteration, made on first use (a stream that makes its tokens otherwise overrides it)."""
+        return _iterate(self._state)
 
     async def __anext__(self) -> Token:
         return await self.__aiter__().__anext__()

@@ -13,13 +13,12 @@ import os
 import secrets
 import threading
 import time
-import types
 import warnings
 import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import httpx
@@ -414,16 +413,7 @@ class _ManagedStream(TokenStream):
     def token_ids(self) -> list[int]:
         return [] if self._inner is None else self._inner.token_ids
 
-    def __aiter__(self) -> types.AsyncGeneratorType[Token, None]:
-        agen = self._agen
-        if agen is None:
-            agen = self._agen = cast("types.AsyncGeneratorType[Token, None]", self._iterate())
-        return agen
-
-    async def __anext__(self) -> Token:
-        return await self.__aiter__().__anext__()
-
-    async def _iterate(self) -> AsyncGenerator[Token, None]:
+    async def _begin(self) -> AsyncGenerator[Token, None]:
         model = self._model
         managed = model._managed
         assert managed is not None

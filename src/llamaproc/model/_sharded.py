@@ -32,7 +32,6 @@ import math
 import re
 import threading
 import time
-import types
 import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -807,15 +806,6 @@ class _ResumingStream(TokenStream):
         """One :class:`Reshard` per recovery this stream went through (so far)."""
         return list(self._reshards)
 
-    def __aiter__(self) -> types.AsyncGeneratorType[Token, None]:
-        agen = self._agen
-        if agen is None:
-            agen = self._agen = cast("types.AsyncGeneratorType[Token, None]", self._iterate())
-        return agen
-
-    async def __anext__(self) -> Token:
-        return await self.__aiter__().__anext__()
-
     async def aclose(self) -> None:
         self._released = True
         agen = self._agen
@@ -837,7 +827,7 @@ class _ResumingStream(TokenStream):
             value = body.get("max_tokens", body.get("max_completion_tokens", body.get("n_predict")))
         return None if not isinstance(value, int) or value < 0 else value
 
-    async def _iterate(self) -> AsyncGenerator[Token, None]:
+    async def _begin(self) -> AsyncGenerator[Token, None]:
         model = self._model
         resume: _Resume | None = None
         prompt: list[Any] | None = None
