@@ -1,4 +1,8 @@
-"""load_model through a SQLite ledger, with the real llama-server and the tiny model."""
+"""load_model through a ledger, with the real llama-server and the tiny model.
+
+Every case runs on a SQLite file; the ones that take the ``ledger_url``
+fixture run on a real ``redis-server`` too (tests/ledger_stores.py).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,15 @@ def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "second.gguf", seed=2)
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh ledger: a SQLite file, or a ``redis-server`` of this test's own."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/l.db"
+    redis = request.getfixturevalue("own_redis")
+    return f"redis://127.0.0.1:{redis.port}/0"
+
+
 def one_model(path: Path, ctx: int = CTX) -> int:
     return estimate_memory(path, ctx_size=ctx).total
 
@@ -37,9 +50,9 @@ async def wait_until(condition: object, what: str) -> None:
 
 
 async def test_close_releases_the_lease_and_placement_says_what_was_loaded(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, ledger_url: str
 ) -> None:
-    async with await llamaproc.open_ledger(f"sqlite://{tmp_path}/l.db", capacity={"cpu": "1GiB"}, ttl=3) as ledger:
+    async with await llamaproc.open_ledger(ledger_url, capacity={"cpu": "1GiB"}, ttl=3) as ledger:
         model = await llamaproc.load_model(tiny_model, ctx_size=CTX, ledger=ledger)
         async with model:
             placement = model.placement
@@ -67,10 +80,10 @@ async def test_the_second_model_waits_and_times_out(tiny_model: Path, second_mod
 
 
 async def test_an_urgent_model_preempts_an_idle_one_which_reloads_on_its_next_call(
-    tiny_model: Path, second_model: Path, tmp_path: Path
+    tiny_model: Path, second_model: Path, ledger_url: str
 ) -> None:
     capacity = one_model(tiny_model) + 1
-    async with await llamaproc.open_ledger(f"sqlite://{tmp_path}/l.db", capacity={"cpu": capacity}, ttl=3) as ledger:
+    async with await llamaproc.open_ledger(ledger_url, capacity={"cpu": capacity}, ttl=3) as ledger:
         async with await llamaproc.load_model(tiny_model, ctx_size=CTX, ledger=ledger, priority="batch") as first:
             expected = (await first.complete("the cat", max_tokens=8)).text
             # The rest of the device is less than the second model's estimate: it must ask the first to yield.
