@@ -49,9 +49,7 @@ async def wait_until(condition: object, what: str) -> None:
             await anyio.sleep(0.02)
 
 
-async def test_close_releases_the_lease_and_placement_says_what_was_loaded(
-    tiny_model: Path, ledger_url: str
-) -> None:
+async def test_close_releases_the_lease_and_placement_says_what_was_loaded(tiny_model: Path, ledger_url: str) -> None:
     async with await llamaproc.open_ledger(ledger_url, capacity={"cpu": "1GiB"}, ttl=3) as ledger:
         model = await llamaproc.load_model(tiny_model, ctx_size=CTX, ledger=ledger)
         async with model:
