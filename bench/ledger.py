@@ -16,9 +16,15 @@ flags the tests use, and stops at the end):
    another process learns of freed memory by polling (20 ms, backing off to
    250 ms), so this is the rate under contention, not the store's raw speed.
 
+3. ``ledger_load_cost``: ``load_model`` of the tiny model through a SQLite
+   ledger (estimate from the GGUF, lease, llama-server at ``--log-verbosity 4``,
+   the lease corrected from the logged buffer sizes) against the same
+   ``load_model`` without a ledger, interleaved, time to a loaded model
+   (``close`` not included); the median of per-round differences, and of
+   ratios in the note.
+
 Where ``redis-server`` is missing, the Redis rows are left out (with a note
-on stderr). The cost a lease adds to ``load_model`` on the tiny model is not
-measured here yet: it belongs here once ``load_model`` takes a ledger.
+on stderr).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from common import Result, Settings, median, workdir
+from common import Result, Settings, interleave, median, paired, tiny_model, workdir
 
 import llamaproc
 from llamaproc.ledger import PRIORITIES, Store, Waiter
@@ -178,8 +184,42 @@ def grants_per_second(url: str, seconds: float) -> tuple[float, int]:
                 worker.wait()
 
 
+async def load_cost(settings: Settings) -> Result:
+    """``load_model`` of the tiny model with a SQLite ledger and without, interleaved; times in ms."""
+    model_path = tiny_model(settings.workdir)
+    url = f"sqlite://{settings.workdir / 'ledger' / 'load.db'}"
+    async with await llamaproc.open_ledger(url, capacity={"cpu": "1TiB"}, ttl=TTL, host="bench") as ledger:
+
+        async def timed(**kwargs: Any) -> float:
+            t0 = time.perf_counter()
+            model = await llamaproc.load_model(model_path, **kwargs)
+            dt = time.perf_counter() - t0
+            await model.close()
+            return dt * 1e3
+
+        async def with_ledger() -> float:
+            return await timed(ledger=ledger)
+
+        async def without() -> float:
+            return await timed()
+
+        await with_ledger()  # warm up: the page cache, the ledger's worker threads
+        await without()
+        runs = await interleave({"ledger": with_ledger, "plain": without}, settings.reps(15, 4))
+    diff, ratio = paired(runs["ledger"], runs["plain"], "diff"), paired(runs["ledger"], runs["plain"], "ratio")
+    return Result(
+        metric="ledger_load_cost[sqlite]", unit="ms",
+        subject=median(runs["ledger"]), baseline=median(runs["plain"]),
+        compare="diff", value=diff, op="<=", target=10.0,
+        subject_label="load_model(tiny, ledger=sqlite)", baseline_label="load_model(tiny)", samples=runs,
+        note=f"+{diff:.1f} ms, ratio {ratio:.2f} (medians of {len(runs['ledger'])} interleaved rounds);"
+        " time to a loaded model, close not included",
+    )  # fmt: skip
+
+
 async def ledger_costs(settings: Settings) -> list[Result]:
-    """bench/ledger.py: lease round trips and contended grants per second, on SQLite and on Redis."""
+    """bench/ledger.py: lease round trips and contended grants per second, on SQLite and on Redis; the cost a lease
+    adds to ``load_model``."""
     n = settings.reps(2000, 300)
     seconds = settings.reps(8.0, 3.0)
     results: list[Result] = []
@@ -211,11 +251,12 @@ async def ledger_costs(settings: Settings) -> list[Result]:
                 subject_label=f"{PROCESSES} processes contending for {CAPACITY} bytes", baseline_label="-",
                 note=f"{seconds:g} s, sizes 1-{CAPACITY // 2}, released at once; {timeouts} timeouts (5 s)",
             ))  # fmt: skip
+    results.append(await load_cost(settings))
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="what a memory lease costs, on SQLite and on Redis")
+    parser = argparse.ArgumentParser(description="what a memory lease costs, on SQLite and on Redis, and what it adds to load_model")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter contention")
     parser.add_argument("--contend", nargs=3, metavar=("URL", "SECONDS", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
