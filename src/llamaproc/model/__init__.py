@@ -2,6 +2,6 @@
 workers) and :func:`load_model`."""
 
 from ._model import TextModel, load_model
-from ._sharded import ShardedModel
+from ._sharded import ShardedModel, resumable_error
 
-__all__ = ["ShardedModel", "TextModel", "load_model"]
+__all__ = ["ShardedModel", "TextModel", "load_model", "resumable_error"]

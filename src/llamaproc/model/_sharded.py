@@ -67,7 +67,7 @@ from ..protocol import (
 from ..types import Completion, Device, Reshard, Shard, Token, Usage
 from ._model import Launch, TextModel, _unclosed
 
-__all__ = ["ShardedModel", "load_sharded"]
+__all__ = ["ShardedModel", "load_sharded", "resumable_error"]
 
 _log = logging.getLogger("llamaproc")
 
@@ -728,7 +728,9 @@ def resumable_request(kind: StreamKind, body: Mapping[str, Any]) -> bool:
     return not body.get("echo") and not body.get("suffix") and body.get("n", 1) == 1
 
 
-def _resumable(exc: LlamaprocError) -> bool:
+def resumable_error(exc: LlamaprocError) -> bool:
+    """Whether a stream's failure (as :meth:`TextModel.explain` tells it) is a cut a recovery can resume from:
+    the coordinator died or hung, or the connection to it broke."""
     return isinstance(exc, (ServerCrashedError, TransportError, IncompleteStreamError, StalledError))
 
 
@@ -899,7 +901,7 @@ class _ResumingStream(TokenStream):
                         raise ClosedError("the stream was closed") from exc
                     if model._epoch == epoch and not model._recover_lock.locked():
                         exc = await model.explain(exc)
-                        if not _resumable(exc):
+                        if not resumable_error(exc):
                             explained = True
                             raise exc
                     # else: cut by a recovery under way or done (its old client closed): resume

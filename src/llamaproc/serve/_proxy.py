@@ -44,14 +44,11 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ..errors import (
-    IncompleteStreamError,
     InvalidArgumentError,
     LlamaprocError,
     QueueFullError,
-    ServerCrashedError,
-    TransportError,
 )
-from ..model import ShardedModel
+from ..model import ShardedModel, resumable_error
 from ..protocol import (
     ERROR_CODES,
     StreamKind,
@@ -384,7 +381,7 @@ class _Call:
         except LlamaprocError as exc:
             self.tokens = counted
             error = await reader.fail(exc)
-            if resume is not None and isinstance(error, (ServerCrashedError, IncompleteStreamError, TransportError)):
+            if resume is not None and resumable_error(error):
                 reader.close()
                 await self._continue(resume, reader.parser.ids, counted, base_url, error, last_token)
                 return

@@ -83,16 +83,13 @@ import anyio
 import anyio.abc
 
 from ..errors import (
-    IncompleteStreamError,
     InvalidArgumentError,
     ListenError,
     LlamaprocError,
     QueueFullError,
-    ServerCrashedError,
     ShuttingDownError,
-    TransportError,
 )
-from ..model import ShardedModel
+from ..model import ShardedModel, resumable_error
 from ..protocol import (
     STREAM_PATHS,
     LineDecoder,
@@ -562,8 +559,7 @@ class _Connection:
         except LlamaprocError as exc:
             error = await reader.fail(exc)
             if (
-                resume is not None and isinstance(endpoint, ShardedModel)
-                and isinstance(error, (ServerCrashedError, IncompleteStreamError, TransportError))
+                resume is not None and isinstance(endpoint, ShardedModel) and resumable_error(error)
             ):
                 reader.close()
                 return await self._continue(request, endpoint, resume[0], resume[1], reader.parser.ids, base_url,
