@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
 import signal
 import socket
 import statistics
@@ -83,6 +85,31 @@ def kill_leftovers(*names: str) -> list[int]:
         except psutil.Error:
             pass
     return left
+
+
+def write_report(name: str, results: Sequence[Result], context: dict[str, Any], *, started: Any, elapsed: float,
+                 **extra: Any) -> dict[str, Any]:
+    """Write ``bench/results/NAME.json`` (the run's settings, the machine, the results) and return the report."""
+    import llamaproc
+
+    report = {
+        "started": started.isoformat(timespec="seconds"),
+        "duration_s": round(elapsed, 2),
+        **extra,
+        "llamaproc": llamaproc.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_after": os.getloadavg(),
+        "context": context,
+        "results": [r.to_json() for r in results],
+        "all_ok": all(r.ok for r in results),
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{name}.json"
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {out}")
+    return report
 
 
 def median(xs: Sequence[float]) -> float:

@@ -41,7 +41,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -61,10 +60,9 @@ REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
-from common import Result, free_port, interleave, kill_leftovers, median, paired
+from common import Result, free_port, interleave, kill_leftovers, median, paired, write_report
 from daemon_helpers import Daemon, llama_servers_of, start_daemon, stop_daemon, write_config
 
-import llamaproc
 from llamaproc.testing import write_tiny_model
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -606,25 +604,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(table(results, context))
     print(f"\nin {elapsed:.1f} s{' (quick)' if args.quick else ''}{' (profiled)' if args.profile else ''}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    report = {
-        "started": started.isoformat(timespec="seconds"),
-        "duration_s": round(elapsed, 2),
-        "quick": args.quick,
-        "profiled": args.profile,
-        "models": MODELS,
-        "llamaproc": llamaproc.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_after": os.getloadavg(),
-        "context": context,
-        "results": [r.to_json() for r in results],
-        "all_ok": all(r.ok for r in results),
-    }
-    out = RESULTS_DIR / "daemon.json"
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {out}")
+    report = write_report("daemon", results, context, started=started, elapsed=elapsed, quick=args.quick, profiled=args.profile, models=MODELS)
     return 1 if args.strict and not report["all_ok"] else 0
 
 

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -40,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from common import RESULTS_DIR, Result, interleave, kill_leftovers, median, paired
+from common import Result, interleave, kill_leftovers, median, paired, write_report
 
 import llamaproc
 from llamaproc.testing import write_tiny_model
@@ -266,23 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(table(results, context))
     print(f"\nin {elapsed:.1f} s{' (quick)' if args.quick else ''}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    report = {
-        "started": started.isoformat(timespec="seconds"),
-        "duration_s": round(elapsed, 2),
-        "quick": args.quick,
-        "llamaproc": llamaproc.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_after": os.getloadavg(),
-        "context": context,
-        "results": [r.to_json() for r in results],
-        "all_ok": all(r.ok for r in results),
-    }
-    out = RESULTS_DIR / "sharded.json"
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {out}")
+    report = write_report("sharded", results, context, started=started, elapsed=elapsed, quick=args.quick)
     return 1 if args.strict and not report["all_ok"] else 0
 
 
