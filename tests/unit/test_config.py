@@ -523,3 +523,47 @@ def test_sharded_problems_are_reported_at_once(tmp_path: Path) -> None:
 def test_unknown_sharded_key_suggests_closest(tmp_path: Path) -> None:
     err = sharded(tmp_path, 'worker = ["a:1"]\n')
     assert str(err).endswith(": models.tiny: unknown key 'worker' (did you mean 'workers'?)")
+
+
+def test_ledger_settings(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+ledger = "sqlite://state/ledger.db"
+ledger_capacity = {cpu = "2GiB", gpu0 = 1024}
+priority = "batch"
+lease_timeout = "5s"
+preempt_grace = "1m"
+
+[models.tiny]
+path = "tiny.gguf"
+priority = "urgent"
+device = "gpu0"
+"""))
+    assert config.ledger == f"sqlite://{tmp_path / 'state' / 'ledger.db'}"  # against the config's directory
+    assert config.ledger_capacity == {"cpu": 2 * 2**30, "gpu0": 1024}
+    assert (config.priority, config.lease_timeout, config.preempt_grace) == ("batch", 5.0, 60.0)
+    assert (config.models["tiny"].priority, config.models["tiny"].device) == ("urgent", "gpu0")
+    assert load_config(write(tmp_path, 'ledger = "redis://h:6379/1"\n' + MINIMAL)).ledger == "redis://h:6379/1"
+    defaults = load_config(write(tmp_path, MINIMAL))
+    assert (defaults.ledger, defaults.priority, defaults.models["tiny"].priority) == (None, "normal", None)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('ledger = "postgres://x"', "ledger: invalid ledger 'postgres://x': expected 'sqlite:///path/ledger.db'"),
+        ('ledger = "sqlite://"', "ledger: invalid ledger 'sqlite://': no file"),
+        ('ledger_capacity = {cpu = "1GiB"}', "ledger_capacity needs a ledger"),
+        ('ledger = "sqlite:///l.db"\nledger_capacity = {cpu = 0}', "ledger_capacity.cpu: Input should be greater than 0"),
+        ('ledger = "sqlite:///l.db"\nledger_capacity = {}', "ledger_capacity: invalid ledger_capacity"),
+        ('priority = "asap"', "priority: invalid priority 'asap': expected one of urgent, high, normal, low, batch"),
+        ('lease_timeout = 0', "lease_timeout: invalid duration 0: must be greater than zero"),
+    ],
+)
+def test_bad_ledger_settings(tmp_path: Path, text: str, problem: str) -> None:
+    assert problem in str(load_error(write(tmp_path, text + "\n" + MINIMAL)))
+
+
+def test_bad_model_lease_settings(tmp_path: Path) -> None:
+    error = load_error(write(tmp_path, MINIMAL + 'priority = "soon"\ndevice = "a/b"\n'))
+    assert "models.tiny.priority: invalid priority 'soon'" in str(error)
+    assert "models.tiny.device: invalid device 'a/b'" in str(error)

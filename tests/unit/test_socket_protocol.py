@@ -949,9 +949,11 @@ async def test_cmd_chat_and_ps(
         ps_args = argparse.Namespace(socket=None, state_dir=str(sock_path.parent))  # finds STATE_DIR/serve.sock
         assert await anyio.to_thread.run_sync(cmd_ps, ps_args) == 0
         out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["NAME", "PHASE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS", "LAST", "USED"]
+    assert out[0].split() == [
+        "NAME", "PHASE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS", "LEASE", "LAST", "USED"
+    ]  # fmt: skip
     assert out[1].split()[:7] == ["tiny", "Serving", "123", "4567", "0", "0", "0"]
-    assert out[2].split() == ["big", "Pending", "-", "-", "0", "0", "0", "-"]
+    assert out[2].split() == ["big", "Pending", "-", "-", "0", "0", "0", "-", "-"]
     assert llama.bodies(b"/v1/chat/completions") == [
         {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "temperature": 0.0, "stream": True}
     ]
@@ -993,6 +995,7 @@ def test_ps_table_times() -> None:
                 "in_flight": 1,
                 "queued": 0,
                 "restarts": 2,
+                "lease": {"memory": 10022624, "priority": "normal", "preempt_requested": True},
                 "last_used": (now - timedelta(seconds=5)).isoformat(),
             },
             {"name": "b", "phase": "Failed", "last_used": (now - timedelta(minutes=7)).isoformat()},
@@ -1002,6 +1005,7 @@ def test_ps_table_times() -> None:
     lines = table.splitlines()
     assert lines[1].endswith("5s ago") and lines[2].endswith("7m ago")
     assert lines[2].split()[:3] == ["b", "Failed", "-"]
+    assert lines[1].split()[7] == "9.6MiB@normal!" and lines[2].split()[7] == "-"
 
 
 def test_cmd_stop_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

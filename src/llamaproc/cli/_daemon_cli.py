@@ -321,7 +321,7 @@ def _chat_direct(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
 
 # --- llamaproc ps ----------------------------------------------------------------------------------
 
-_COLUMNS = ("NAME", "PHASE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS", "LAST USED")
+_COLUMNS = ("NAME", "PHASE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS", "LEASE", "LAST USED")
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -349,11 +349,26 @@ def format_table(models: Sequence[Mapping[str, Any]], *, now: datetime | None = 
                 _dash(m.get("in_flight")),
                 _dash(m.get("queued")),
                 _dash(m.get("restarts")),
+                _lease(m.get("lease")),
                 _ago(m.get("last_used"), now),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() + "\n" for row in rows)
+
+
+def _lease(lease: Any) -> str:
+    """``9.6MiB@normal`` (``!`` once asked to yield), ``-`` without a lease."""
+    if not isinstance(lease, Mapping) or not isinstance(lease.get("memory"), int):
+        return "-"
+    size = float(lease["memory"])
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    text = f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+    return f"{text}@{lease.get('priority', '?')}" + ("!" if lease.get("preempt_requested") else "")
 
 
 def _dash(value: Any) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 from ..errors import (
     ClosedError,
     InvalidArgumentError,
+    LeaseTimeoutError,
+    LedgerError,
     LlamaprocError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -91,6 +93,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
                   "llama-server failed the request, ended the stream early or crashed (it is restarted)"),
         ErrorCode("model_unavailable", 503, _SERVER,
                   "the model is Failed, could not be loaded, is loading, or does not fit the memory budget"),
+        ErrorCode("memory_unavailable", 503, _SERVER,
+                  "the model waited `lease_timeout` for its memory lease in the ledger, held by other processes",
+                  retry=True),
+        ErrorCode("ledger_unavailable", 503, _SERVER,
+                  "the memory ledger (its SQLite file or Redis) cannot be used", "http"),
         ErrorCode("shutting_down", 503, _SERVER, "the daemon is draining or stopping", retry=True),
         ErrorCode("too_many_connections", 503, _SERVER,
                   "the daemon has `max_connections` HTTP connections open; refused before reading", "http",
@@ -113,6 +120,10 @@ def error_code(exc: BaseException) -> str:
         return "queue_full"
     if isinstance(exc, ShuttingDownError):
         return "shutting_down"
+    if isinstance(exc, LeaseTimeoutError):
+        return "memory_unavailable"
+    if isinstance(exc, LedgerError):
+        return "ledger_unavailable"
     if isinstance(exc, (ModelUnavailableError, PoolError, ClosedError)):
         return "model_unavailable"
     if isinstance(exc, StatusError):

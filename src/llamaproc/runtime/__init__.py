@@ -13,13 +13,14 @@ from ._config import (
 )
 from ._endpoint import Endpoint, Loader
 from ._pidlock import PidLock, read_pid
-from ._pool import ModelPool, PoolStats, estimate_memory
-from ._supervisor import Condition, LayerRange, ModelStatus, Phase, ShardStatus, Supervisor
+from ._pool import ModelPool, PoolStats, estimate_memory, lease_estimate
+from ._supervisor import Condition, LayerRange, LeaseStatus, ModelStatus, Phase, ShardStatus, Supervisor
 
 __all__ = [
     "Condition",
     "Endpoint",
     "LayerRange",
+    "LeaseStatus",
     "Loader",
     "ModelConfig",
     "ModelPool",
@@ -31,6 +32,7 @@ __all__ = [
     "ShardStatus",
     "Supervisor",
     "estimate_memory",
+    "lease_estimate",
     "load_config",
     "normal_worker_address",
     "parse_api_keys",

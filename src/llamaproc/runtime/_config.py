@@ -54,6 +54,7 @@ from pydantic import (
 )
 
 from ..errors import ConfigError, InvalidArgumentError
+from ..ledger import PRIORITIES, Priority
 from ..ledger import parse_duration as _parse_duration
 from ..ledger import parse_size as _parse_size
 
@@ -322,6 +323,48 @@ _Workers = Annotated[
 ]
 
 
+# --- the memory ledger ---------------------------------------------------------------------------
+
+
+def _priority(value: Any) -> Any:
+    if value not in PRIORITIES:
+        raise ConfigError(f"invalid priority {value!r}: expected one of {', '.join(PRIORITIES)}")
+    return value
+
+
+def _device(value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip() or "/" in value:
+        raise ConfigError(f"invalid device {value!r}: expected a name such as 'cpu' or 'gpu0'")
+    return value
+
+
+_Priority = Annotated[Priority, BeforeValidator(_priority)]
+_Device = Annotated[str, BeforeValidator(_device)]
+
+
+def _ledger_url(value: Any, info: ValidationInfo) -> Any:
+    """A ``sqlite://`` URL with its path made absolute (against the config file's directory), or a Redis one."""
+    if not isinstance(value, str):
+        raise ConfigError("Input should be a valid string")
+    if value.startswith("sqlite://"):
+        path = value[len("sqlite://") :]
+        if not path:
+            raise ConfigError(f"invalid ledger {value!r}: no file, e.g. 'sqlite:///var/lib/llamaproc/ledger.db'")
+        return "sqlite://" + str(_absolute(Path(path), info))
+    if value.startswith(("redis://", "rediss://", "unix://")):
+        return value
+    raise ConfigError(f"invalid ledger {value!r}: expected 'sqlite:///path/ledger.db' or 'redis://host:port/db'")
+
+
+def _capacity(value: Any) -> Any:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError("invalid ledger_capacity: expected a table of device = size, e.g. {cpu = \"16GiB\"}")
+    return value
+
+
+_PositiveSize = Annotated[int, BeforeValidator(lambda v: parse_size(v)), Field(gt=0)]
+
+
 # --- models --------------------------------------------------------------------------------------
 
 
@@ -352,6 +395,8 @@ class ModelConfig(BaseModel):
     split: _Split | None = None
     min_workers: StrictInt | None = Field(default=None, ge=0)
     max_reshards: StrictInt | None = Field(default=None, ge=0)
+    priority: _Priority | None = None
+    device: _Device = "cpu"
 
     @property
     def sharded(self) -> bool:
@@ -450,6 +495,18 @@ class ServeConfig(BaseModel):
 
     ``max_reshards`` (3): how many times a stream of a sharded model may
     recover from lost rpc workers before it fails (a model's own overrides it).
+
+    The memory ledger shared with other processes (see :func:`~llamaproc.open_ledger`):
+    ``ledger`` (``"sqlite:///path/ledger.db"``, a relative path being against the
+    config file's directory, or ``"redis://host:port/db"``; default ``None``: no
+    ledger) makes each model (but sharded ones, whose memory is on their
+    workers) hold a lease on its ``device`` while it is loaded, at its
+    ``priority`` (a model's own, else the daemon's, default ``"normal"``).
+    ``ledger_capacity`` (``{cpu = "16GiB"}``) is written to the ledger at
+    start-up; without it the stored (or detected) capacity is used.
+    ``lease_timeout`` (60s): how long a request waits for its model's lease.
+    ``preempt_grace`` (30s): how long a busy model asked to yield lets its
+    requests in flight run before it is unloaded.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -474,6 +531,11 @@ class ServeConfig(BaseModel):
     body_timeout: _PositiveDuration = 30.0
     max_connections: StrictInt = Field(default=1024, ge=1)
     max_reshards: StrictInt = Field(default=3, ge=0)
+    ledger: Annotated[str, BeforeValidator(_ledger_url)] | None = None
+    ledger_capacity: Annotated[dict[_Device, _PositiveSize], BeforeValidator(_capacity)] | None = None
+    priority: _Priority = "normal"
+    lease_timeout: _PositiveDuration = 60.0
+    preempt_grace: _PositiveDuration = 30.0
 
     @field_validator("preload")
     @classmethod
@@ -485,6 +547,12 @@ class ServeConfig(BaseModel):
             if name not in models:
                 raise ConfigError(f"unknown model {name!r}{_suggest(name, models)}")
         return value
+
+    @model_validator(mode="after")
+    def _ledger_set(self) -> ServeConfig:
+        if self.ledger_capacity is not None and self.ledger is None:
+            raise ConfigError("ledger_capacity needs a ledger: set ledger = 'sqlite:///path/ledger.db' too")
+        return self
 
     @model_validator(mode="after")
     def _backoff_order(self) -> ServeConfig:

@@ -34,6 +34,19 @@ started, whichever comes first. A request never waits for the room holder
 while its model is loaded or loading, so the requests that keep a loaded
 model busy always make progress and no wait can be circular.
 
+With a memory ledger (``ledger=``, see :func:`~llamaproc.open_ledger`),
+each model but a sharded one also holds a lease of its estimate
+(:func:`lease_estimate`) on its ``device`` at its ``priority`` while it is
+loaded: the lease is taken after room is made and before the model starts
+(a request waits for it up to ``lease_timeout``, then fails with
+:class:`~llamaproc.LeaseTimeoutError`), kept across restarts, and given back
+when the model is unloaded or Failed. When a waiter of higher priority asks
+for the memory, an idle model is unloaded at once; a busy one takes no new
+request, lets those in flight finish (for ``preempt_grace`` at most) and is
+then unloaded; the requests that wait for it load it again under a new
+lease. A model whose lease is lost is stopped at once: memory it no longer
+holds is not used.
+
 A background task unloads models idle for ``idle_timeout`` (measured, like
 the supervisors' delays, on the event loop's clock); the supervisors restart
 crashed models. :meth:`ModelPool.drain` stops admission
@@ -62,6 +75,8 @@ import anyio.lowlevel
 from ..backend import estimate_memory as estimate_backend_memory
 from ..errors import (
     InvalidArgumentError,
+    LeaseTimeoutError,
+    LedgerError,
     LlamaprocError,
     ModelFileError,
     ModelNotFoundError,
@@ -71,12 +86,13 @@ from ..errors import (
     UsageError,
     WorkerUnreachableError,
 )
+from ..ledger import Lease, Ledger
 from ..model import load_model
 from ._config import ModelConfig, ServeConfig, shard_options
 from ._endpoint import Loader
-from ._supervisor import E, LayerRange, ModelStatus, Phase, ShardStatus, Supervisor, _Unloaded
+from ._supervisor import E, LayerRange, LeaseStatus, ModelStatus, Phase, ShardStatus, Supervisor, _Unloaded
 
-__all__ = ["ModelPool", "PoolStats", "estimate_memory"]
+__all__ = ["ModelPool", "PoolStats", "estimate_memory", "lease_estimate"]
 
 _log = logging.getLogger("llamaproc.pool")
 
@@ -93,6 +109,19 @@ def estimate_memory(config: ModelConfig) -> int:
     trained context length. A file that is not GGUF counts as its size. Reads
     the file's header (blocking).
     """
+    return _estimate(config, margin=False)
+
+
+def lease_estimate(config: ModelConfig) -> int:
+    """Bytes a model's lease in the memory ledger holds: :func:`estimate_memory` plus the compute margin.
+
+    The same estimate as a library model loaded with ``load_model(ledger=...)``;
+    at least one byte (a lease holds something).
+    """
+    return max(1, _estimate(config, margin=True))
+
+
+def _estimate(config: ModelConfig, *, margin: bool) -> int:
     path = config.path
     ctx = _ctx_from_args(config.args)
     if ctx is None:
@@ -104,7 +133,7 @@ def estimate_memory(config: ModelConfig) -> int:
             return path.stat().st_size
         except OSError:
             return 0
-    return estimate.weights + estimate.kv_cache
+    return estimate.total if margin else estimate.weights + estimate.kv_cache
 
 
 def _ctx_from_args(args: Sequence[str]) -> int | None:
@@ -132,6 +161,8 @@ class PoolStats:
     evictions: int = 0  #: models unloaded to make room (LRU)
     restarts: int = 0  #: restarts after a crash or a failed load
     idle_unloads: int = 0  #: models unloaded after idle_timeout
+    preemptions: int = 0  #: models unloaded because a waiter of higher priority asked for their lease
+    leases_lost: int = 0  #: models stopped because their lease was lost
 
 
 class _Waiter:
@@ -150,6 +181,9 @@ class _Entry:
         self.config = config
         self.supervisor = supervisor
         self.memory = 0
+        self.lease_memory = 0  # what its lease holds (with a ledger)
+        self.lease: Lease | None = None
+        self.yielding = False  # asked to give its lease back: unloaded once its requests are done
         self.in_flight = 0  # slot holders (using the model, or waiting for it to load)
         self.using = 0  # slot holders that have the model
         self.pins = 0  # explicit load() calls waiting for it
@@ -198,8 +232,10 @@ class ModelPool(Generic[E]):
     each load (a daemon's ready registered workers; none is a load error).
     ``on_change(name, event)`` is called with each supervisor event
     (``"serving"``, ``"crashed"``, ``"stopped"``, ... see
-    :class:`~llamaproc.Supervisor`), for an owner that keeps track of what
-    a model holds.
+    :class:`~llamaproc.Supervisor`) and the pool's own ``"preempted"`` and
+    ``"lease_lost"``, for an owner that keeps track of what a model holds.
+    ``ledger`` (open, owned by the caller) makes the models hold leases; see
+    the module docs.
     """
 
     def __init__(
@@ -212,8 +248,13 @@ class ModelPool(Generic[E]):
         health_failures: int = 3,
         registered_workers: Callable[[str], Sequence[str]] | None = None,
         on_change: Callable[[str, str], None] | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.config = config
+        self.ledger = ledger
+        self._lease_waits: set[anyio.CancelScope] = set()
+        self._lease_news: list[tuple[_Entry, Lease]] = []
+        self._lease_wakeup: anyio.Event | None = None
         self.stats = PoolStats()
         self._registered_workers = registered_workers
         self._on_change = on_change
@@ -252,10 +293,14 @@ class ModelPool(Generic[E]):
         self._entered = True
         for entry in self._entries.values():
             entry.memory = await anyio.to_thread.run_sync(estimate_memory, entry.config)
+            if self.ledger is not None:
+                entry.lease_memory = await anyio.to_thread.run_sync(lease_estimate, entry.config)
         async with contextlib.AsyncExitStack() as stack:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             for entry in self._entries.values():
                 self._tg.start_soon(entry.supervisor.run, name=f"llamaproc-supervisor-{entry.name}")
+            if self.ledger is not None:
+                self._tg.start_soon(self._watch_leases, self._tg, name="llamaproc-lease-watch")
             if self.config.idle_timeout is not None:
                 self._tg.start_soon(self._reap_idle, self.config.idle_timeout, name="llamaproc-idle-unload")
             if self.config.preload:
@@ -286,10 +331,14 @@ class ModelPool(Generic[E]):
         self._closed = True
         self._draining = True
         self._wake_all()
+        for scope in self._lease_waits:
+            scope.cancel()
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for entry in self._entries.values():
                     tg.start_soon(entry.supervisor.stop)
+            for entry in self._entries.values():
+                await self._give_back(entry)
         self._notify()
 
     @property
@@ -328,12 +377,122 @@ class ModelPool(Generic[E]):
             entry.touch()
         elif event == "restarting":
             self.stats.restarts += 1
+        elif event == "failed" and entry.lease is not None:
+            # Its process is gone and it will not be restarted: the memory is free again. (A stop
+            # by the pool gives the lease back itself, once the process is gone.)
+            lease, entry.lease = entry.lease, None
+            lease.release_nowait()
         self._notify()
+        self._tell(entry.name, event)
+
+    def _tell(self, name: str, event: str) -> None:
         if self._on_change is not None:
             try:
-                self._on_change(supervisor.name, event)
+                self._on_change(name, event)
             except Exception:  # noqa: BLE001 - a broken observer must not break the pool
-                _log.exception("the on_change hook of the pool failed for model %s", supervisor.name)
+                _log.exception("the on_change hook of the pool failed for model %s", name)
+
+    # -- the memory ledger ----------------------------------------------------------------------
+
+    async def _take_lease(self, entry: _Entry) -> None:
+        """Hold the memory of ``entry`` in the ledger before it starts (if there is a ledger and it has none)."""
+        ledger = self.ledger
+        if ledger is None or entry.config.sharded or entry.lease is not None:
+            return
+        config = self.config
+        priority = entry.config.priority or config.priority
+        device = entry.config.device
+        with anyio.CancelScope() as scope:
+            self._lease_waits.add(scope)
+            try:
+                lease = await ledger.lease(
+                    entry.lease_memory, device=device, priority=priority, holder=f"llamaproc serve: {entry.name}",
+                    timeout=config.lease_timeout,
+                )  # fmt: skip
+            except LeaseTimeoutError as exc:
+                raise LeaseTimeoutError(
+                    f"model {entry.name!r} waited {config.lease_timeout:g} s for a lease of"
+                    f" {_size(entry.lease_memory)} on {exc.device} in the ledger: {_size(exc.free)} of"
+                    f" {_size(exc.capacity)} free",
+                    memory=exc.memory, free=exc.free, capacity=exc.capacity, device=exc.device,
+                ) from None  # fmt: skip
+            except (InvalidArgumentError, LedgerError) as exc:
+                raise ModelUnavailableError(f"model {entry.name!r} cannot take its lease in the ledger: {exc}") from None
+            finally:
+                self._lease_waits.discard(scope)
+        if scope.cancelled_caught:
+            raise ShuttingDownError("the model pool is closed: it is shutting down")
+        if self._closed:
+            with anyio.CancelScope(shield=True):
+                await lease.release()
+            raise ShuttingDownError("the model pool is closed: it is shutting down")
+        entry.lease = lease
+        lease.add_listener(lambda: self._lease_changed(entry, lease))
+
+    def _lease_changed(self, entry: _Entry, lease: Lease) -> None:
+        """The ledger's listener: the lease is lost, or a waiter asks for it.
+
+        It runs in the event loop's thread but outside any task, where no task
+        can be started: it hands the news to :meth:`_watch_leases`. A lease
+        tells at most twice (asked, lost), so the list stays small.
+        """
+        if lease is entry.lease and not self._closed:
+            self._lease_news.append((entry, lease))
+            if self._lease_wakeup is not None:
+                self._lease_wakeup.set()
+
+    async def _watch_leases(self, task_group: anyio.abc.TaskGroup) -> None:
+        """A background task: act on what the ledger's listeners heard."""
+        while True:
+            self._lease_wakeup = anyio.Event()
+            if not self._lease_news:
+                await self._lease_wakeup.wait()
+            news, self._lease_news = self._lease_news, []
+            for entry, lease in news:
+                if lease is not entry.lease:
+                    continue  # given back meanwhile
+                if lease.lost:
+                    task_group.start_soon(self._lose, entry, lease, name=f"llamaproc-lease-lost-{entry.name}")
+                elif not entry.yielding:
+                    entry.yielding = True
+                    task_group.start_soon(self._yield, entry, lease, name=f"llamaproc-preempt-{entry.name}")
+
+    async def _lose(self, entry: _Entry, lease: Lease) -> None:
+        """Stop a model whose lease is lost at once, requests in flight or not."""
+        _log.warning("model %s lost its lease in the ledger: stopping it", entry.name)
+        self.stats.leases_lost += 1
+        self._tell(entry.name, "lease_lost")
+        entry.evicting = True
+        self._notify()
+        await self._unload_entry(entry, reason="its lease in the ledger was lost")
+
+    async def _yield(self, entry: _Entry, lease: Lease) -> None:
+        """Give the lease back to a waiter of higher priority: no new request, the ones in flight finish first."""
+        try:
+            if entry.evicting:
+                return  # being unloaded anyway: the lease goes back with it
+            entry.evicting = True  # new requests wait, then load it again under a new lease
+            self._notify()
+            grace = self.config.preempt_grace
+            _log.info("model %s is asked to yield its memory: unloading it once %d requests end (at most %g s)",
+                      entry.name, entry.using, grace)  # fmt: skip
+            with anyio.move_on_after(grace), contextlib.suppress(ShuttingDownError):
+                await self._wait_for(lambda: entry.using == 0 or lease is not entry.lease)
+            if lease is not entry.lease:
+                entry.evicting = False
+                self._notify()
+                return
+            self.stats.preemptions += 1
+            self._tell(entry.name, "preempted")
+            await self._unload_entry(entry, reason="asked to yield its memory to a waiter of higher priority")
+        finally:
+            entry.yielding = False
+
+    async def _give_back(self, entry: _Entry) -> None:
+        lease, entry.lease = entry.lease, None
+        if lease is not None:
+            with anyio.CancelScope(shield=True):
+                await lease.release()
 
     # -- sharded models -------------------------------------------------------------------------
 
@@ -401,6 +560,7 @@ class ModelPool(Generic[E]):
                     last_used=entry.last_used,
                     restarts=sup.restarts,
                     memory_estimate=entry.memory,
+                    lease=_lease_status(entry.lease),
                     layout=_layout(sup) if entry.config.sharded else None,
                     lost_workers=sup.lost_workers,
                 )
@@ -548,6 +708,9 @@ class ModelPool(Generic[E]):
                 self._check_open()
                 if entry.evicting or sup.active or _failed(sup):
                     continue  # unloaded, started or failed while room was made: look again
+                await self._take_lease(entry)
+                if entry.evicting or sup.active or _failed(sup):
+                    continue
                 entry.touch()
                 sup.start()
             finally:
@@ -600,6 +763,7 @@ class ModelPool(Generic[E]):
         _log.info("unloading model %s: %s", entry.name, reason)
         try:
             await entry.supervisor.stop()
+            await self._give_back(entry)
         finally:
             entry.evicting = False
             self._notify()
@@ -694,6 +858,15 @@ def _layout(supervisor: Supervisor[Any]) -> list[ShardStatus]:
         ShardStatus(address=s.address, layers=LayerRange(start=s.layers.start, stop=s.layers.stop))
         for s in supervisor.layout
     ]
+
+
+def _lease_status(lease: Lease | None) -> LeaseStatus | None:
+    if lease is None or lease.lost:
+        return None
+    return LeaseStatus(
+        id=lease.id, token=lease.token, device=lease.device, memory=lease.memory, priority=lease.priority,
+        preempt_requested=lease.preempt_requested,
+    )  # fmt: skip
 
 
 def _failed(supervisor: Supervisor[Any]) -> bool:

@@ -102,11 +102,23 @@ class ShardStatus(BaseModel):
     layers: LayerRange
 
 
+class LeaseStatus(BaseModel):
+    """The memory lease a model holds in the daemon's ledger."""
+
+    id: str
+    token: int  #: the fencing number of the grant (it only grows)
+    device: str
+    memory: int  #: bytes
+    priority: str
+    preempt_requested: bool  #: a waiter of higher priority asked for it: the model is unloading
+
+
 class ModelStatus(BaseModel):
     """The state of one configured model, as reported by ``ModelPool.status()``.
 
     ``layout`` and ``lost_workers`` are those of a sharded model (``None`` for
-    one that is not; empty while it is not loaded).
+    one that is not; empty while it is not loaded). ``lease`` is the memory
+    lease it holds while loaded, with a ledger (``None`` otherwise).
     """
 
     name: str
@@ -121,6 +133,7 @@ class ModelStatus(BaseModel):
     last_used: datetime | None
     restarts: int
     memory_estimate: int
+    lease: LeaseStatus | None = None
     layout: list[ShardStatus] | None = None
     lost_workers: list[str] | None = None
 

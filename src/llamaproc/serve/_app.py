@@ -3,6 +3,7 @@ the rpc worker registry's routes and the job log."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -26,15 +27,23 @@ from ._upstream import Upstream
 from ._workers import HeartbeatBody, JobLog, RegisterBody, RegistryFullError, UnknownWorkerError, WorkerRegistry
 
 if TYPE_CHECKING:
+    from ..ledger import Ledger
     from ..runtime import ModelPool
 
-__all__ = ["MAX_WORKER_BODY", "create_app"]
+__all__ = ["MAX_WORKER_BODY", "create_app", "redacted"]
 
 #: The largest body the worker routes read (a registration with its devices is a few KiB).
 MAX_WORKER_BODY = 64 * 1024
 
 
 # --- management and listing --------------------------------------------------------------------
+
+
+def redacted(url: str) -> str:
+    """A ledger URL without the password a Redis URL may carry."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, where = rest.rpartition("@")
+    return f"{scheme}{sep}***@{where}" if at and credentials else url
 
 
 def _model_object(name: str, created: int) -> dict[str, Any]:
@@ -50,6 +59,7 @@ def create_app(
     security: HttpSecurity | None = None,
     workers: WorkerRegistry | None = None,
     jobs: JobLog | None = None,
+    ledger: Ledger | None = None,
 ) -> ASGIApp:
     """The ASGI app of the daemon, serving ``pool``.
 
@@ -57,7 +67,8 @@ def create_app(
     ``security`` checks every request first (default: no API key, loopback
     ``Host`` names only, no cross-origin browser requests). ``workers`` and
     ``jobs`` are served by ``/api/workers`` and ``/api/jobs`` (default: empty
-    ones of the app's own).
+    ones of the app's own). ``ledger`` is the pool's memory ledger, listed by
+    ``/api/leases``.
     """
     if metrics is None:
         metrics = ServeMetrics(pool)
@@ -138,6 +149,20 @@ def create_app(
             return error_response("worker_not_found", str(exc), param="id")
         return JSONResponse(registry.describe(entry))
 
+    async def list_leases(request: Request) -> Response:
+        if ledger is None:
+            return JSONResponse({"ledger": None, "capacity": {}, "leases": []})
+        try:
+            capacity = await ledger.capacity()
+            leases = await ledger.leases()
+        except LlamaprocError as exc:
+            return error_response("ledger_unavailable", f"the memory ledger cannot be read: {error_message(exc)}")
+        return JSONResponse({
+            "ledger": redacted(pool.config.ledger or ""),
+            "capacity": capacity,
+            "leases": [dataclasses.asdict(lease) for lease in leases],
+        })  # fmt: skip
+
     async def list_jobs(request: Request) -> Response:
         return JSONResponse({"jobs": job_log.snapshot()})
 
@@ -171,6 +196,7 @@ def create_app(
         Route("/api/workers/heartbeat", heartbeat, methods=["POST"]),
         Route("/api/workers/{id}", evict_worker, methods=["DELETE"]),
         Route("/api/jobs", list_jobs, methods=["GET"]),
+        Route("/api/leases", list_leases, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

@@ -49,9 +49,10 @@ import anyio
 import uvicorn
 
 from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocError
+from ..ledger import Ledger, open_ledger
 from ..process import probe_worker
 from ..runtime import PidLock, ServeConfig, load_config, parse_api_keys
-from ._app import create_app
+from ._app import create_app, redacted
 from ._limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from ._metrics import ServeMetrics
 from ._proxy import DEFAULT_MAX_BODY, stall_timeout_of
@@ -225,7 +226,10 @@ async def run_daemon(
         socket_requests = ActiveRequests()
         async with (
             Upstream() as client,
-            ModelPool(config, registered_workers=shards.registered_workers, on_change=shards.changed) as pool,
+            _open_ledger(config) as ledger,
+            ModelPool(
+                config, registered_workers=shards.registered_workers, on_change=shards.changed, ledger=ledger
+            ) as pool,
         ):
             shards.pool = pool
             metrics.attach(pool)
@@ -237,6 +241,7 @@ async def run_daemon(
                 security=security,
                 workers=workers,
                 jobs=jobs,
+                ledger=ledger,
             )
             server = _Server(
                 uvicorn.Config(
@@ -305,6 +310,18 @@ async def run_daemon(
             if not pool.closed:
                 _log.info("llamaproc serve: stopping models")
         _log.info("llamaproc serve: stopped")
+
+
+@contextlib.asynccontextmanager
+async def _open_ledger(config: ServeConfig) -> AsyncIterator[Ledger | None]:
+    """The config's memory ledger, open for the daemon's life (``None`` without one)."""
+    if config.ledger is None:
+        yield None
+        return
+    capacity = dict(config.ledger_capacity) if config.ledger_capacity is not None else None
+    async with await open_ledger(config.ledger, capacity=capacity) as ledger:
+        _log.info("llamaproc serve: memory ledger %s", redacted(config.ledger))
+        yield ledger
 
 
 def _absolute(path: str | os.PathLike[str]) -> Path:

@@ -172,7 +172,14 @@ class _PoolCollector(Collector):
         restarts = CounterMetricFamily(
             "llamaproc_model_restarts", "Restarts of the model's llama-server after a crash.", labels=["model"]
         )
+        lease = GaugeMetricFamily(
+            "llamaproc_model_lease_bytes",
+            "Memory the model holds in the ledger (0 without a lease), by device.",
+            labels=["model", "device"],
+        )
         for s in statuses:
+            device = s.lease.device if s.lease else pool.config.models[s.name].device
+            lease.add_metric([s.name, device], s.lease.memory if s.lease else 0)
             queued.add_metric([s.name], s.queued)
             in_flight.add_metric([s.name], s.in_flight)
             loaded.add_metric([s.name], 1 if s.loaded else 0)
@@ -184,6 +191,8 @@ class _PoolCollector(Collector):
         yield loaded
         yield phase
         yield restarts
+        if pool.ledger is not None:
+            yield lease
         yield GaugeMetricFamily(
             "llamaproc_loaded_models", "Models loaded now.", value=sum(1 for s in statuses if s.loaded)
         )
@@ -194,6 +203,15 @@ class _PoolCollector(Collector):
         yield CounterMetricFamily(
             "llamaproc_idle_unloads", "Models unloaded after idle_timeout.", value=stats.idle_unloads
         )
+        if pool.ledger is not None:
+            yield CounterMetricFamily(
+                "llamaproc_preemptions",
+                "Models unloaded to give their lease to a waiter of higher priority.",
+                value=stats.preemptions,
+            )
+            yield CounterMetricFamily(
+                "llamaproc_leases_lost", "Models stopped because their lease was lost.", value=stats.leases_lost
+            )
 
 
 class _WorkerCollector(Collector):

@@ -373,6 +373,19 @@ def _worker_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/leases": {
+            "get": {
+                "summary": "The memory ledger",
+                "description": "The capacity of each device and the live leases of every process that shares "
+                "the daemon's ledger (its own models' among them). Without a ledger: `ledger` null, nothing listed.",
+                "operationId": "listLeases",
+                "tags": ["models"],
+                "responses": {
+                    "200": {"description": "The ledger's devices and leases.", "content": _json(_ref("LeaseList"))},
+                    "503": _error("The ledger cannot be read (`ledger_unavailable`), or see the gate."),
+                },
+            }
+        },
     }
 
 
@@ -381,6 +394,41 @@ def _schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = status.pop("$defs", {})
     schemas["ModelStatus"] = status
     schemas |= _worker_schemas()
+    lease = {
+        "type": "object",
+        "description": "One live lease. Times are the ledger's clock, in seconds since the epoch.",
+        "required": ["id", "token", "device", "memory", "priority", "holder", "pid", "host", "granted", "expires",
+                     "preempt_requested"],
+        "properties": {
+            "id": {"type": "string"},
+            "token": {"type": "integer", "description": "The fencing number of the grant; it only grows."},
+            "device": {"type": "string", "description": "`host/device` in a ledger shared by many hosts."},
+            "memory": {"type": "integer", "description": "Bytes."},
+            "priority": {"type": "string", "enum": ["urgent", "high", "normal", "low", "batch"]},
+            "holder": {"type": "string"},
+            "pid": {"type": "integer"},
+            "host": {"type": "string"},
+            "granted": {"type": "number"},
+            "expires": {"type": "number"},
+            "preempt_requested": {"type": "boolean", "description": "A waiter of higher priority asked for it."},
+        },
+    }  # fmt: skip
+    schemas |= {
+        "Lease": lease,
+        "LeaseList": {
+            "type": "object",
+            "required": ["ledger", "capacity", "leases"],
+            "properties": {
+                "ledger": {"type": ["string", "null"], "description": "The ledger's URL (no password); null: none."},
+                "capacity": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer"},
+                    "description": "Bytes per device.",
+                },
+                "leases": {"type": "array", "items": _ref("Lease")},
+            },
+        },
+    }
     schemas |= {
         "Error": {
             "type": "object",
