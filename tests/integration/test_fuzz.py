@@ -91,6 +91,7 @@ OPERATIONS = [
     "POST /api/workers/heartbeat",
     "DELETE /api/workers/{id}",
     "GET /api/jobs",
+    "GET /api/leases",
     "GET /health",
     "GET /metrics",
 ]
