@@ -1,11 +1,13 @@
-"""The model pool's leases in a real (SQLite) memory ledger, with the fake loader of test_pool (no processes).
+"""The model pool's leases in a real memory ledger (a SQLite file, a real redis-server of each test's own), with
+the fake loader of test_pool (no processes).
 
-Another ``Ledger`` on the same file stands for another process. What a real
+Another ``Ledger`` on the same store stands for another process. What a real
 daemon and a real second process do is in tests/integration/test_daemon_ledger.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,9 +34,36 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite://{tmp_path / 'ledger.db'}"
+@pytest.fixture(params=["sqlite", "redis"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'ledger.db'}"
+    redis = request.getfixturevalue("own_redis")
+    return f"redis://127.0.0.1:{redis.port}/0"
+
+
+def delete_leases(url: str) -> None:
+    """Remove every lease from the store behind the ledger's back."""
+    if url.startswith("sqlite://"):
+        with sqlite3.connect(url[len("sqlite://") :]) as db:
+            db.execute("DELETE FROM leases")
+        return
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        for key in client.scan_iter("llamaproc:ledger:l*"):  # l:<id>, lx, ld:<device>
+            client.delete(key)
+
+
+def waiting(url: str) -> bool:
+    """Whether a waiter is queued in the store."""
+    if url.startswith("sqlite://"):
+        with contextlib.closing(sqlite3.connect(url[len("sqlite://") :])) as db:
+            return bool(db.execute("SELECT id FROM waiters").fetchall())
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        return bool(client.zcard("llamaproc:ledger:wx"))
 
 
 @pytest.fixture
@@ -68,7 +97,8 @@ async def test_the_lease_is_held_while_loaded_and_given_back_on_unload(url: str,
         assert status(pool, "a").lease is None
         async with pool.acquire("a"):
             lease = status(pool, "a").lease
-            assert lease is not None and (lease.memory, lease.device, lease.priority) == (1, "cpu", "high")
+            cpu = "cpu" if url.startswith("sqlite") else f"{other.host}/cpu"  # a Redis ledger names the host
+            assert lease is not None and (lease.memory, lease.device, lease.priority) == (1, cpu, "high")
             (held,) = await other.leases()
             assert (held.holder, held.id, held.token) == ("llamaproc serve: a", lease.id, lease.token)
         await pool.unload("a")
@@ -150,14 +180,13 @@ async def test_a_lower_priority_waiter_does_not_unload_the_model(url: str, other
 
 
 async def test_a_model_whose_lease_is_lost_is_stopped_and_loads_again_on_the_next_request(
-    url: str, other: Ledger, tmp_path: Path
+    url: str, other: Ledger
 ) -> None:
     loader = FakeLoader()
     async with await pool_ledger(url) as ledger, ModelPool(ledger_config(url), loader=loader,
                                                            health_interval=None, ledger=ledger) as pool:  # fmt: skip
         async with pool.acquire("a") as model:
-            with sqlite3.connect(tmp_path / "ledger.db") as db:
-                db.execute("DELETE FROM leases")
+            delete_leases(url)
             await wait_until(lambda: model.closed)  # with its request still in flight
         await wait_until(lambda: pool.stats.leases_lost == 1 and status(pool, "a").phase == Phase.PENDING)
         async with pool.acquire("a"):
@@ -175,7 +204,8 @@ async def test_a_request_that_gets_no_lease_in_time_fails_with_memory_unavailabl
         with pytest.raises(LeaseTimeoutError) as caught:
             async with pool.acquire("a"):
                 pass
-        assert "model 'a' waited 0.3 s for a lease of 1 B on cpu" in str(caught.value)
+        assert "model 'a' waited 0.3 s for a lease of 1 B on " in str(caught.value)
+        assert "cpu in the ledger: 0 B of 10 B free" in str(caught.value)
         assert error_code(caught.value) == "memory_unavailable"
         assert loader.calls == [] and status(pool, "a").phase == Phase.PENDING
 
@@ -191,7 +221,7 @@ async def test_a_model_larger_than_the_device_is_unavailable(url: str, other: Le
                 pass
 
 
-async def test_closing_the_pool_ends_a_request_waiting_for_its_lease(url: str, other: Ledger, tmp_path: Path) -> None:
+async def test_closing_the_pool_ends_a_request_waiting_for_its_lease(url: str, other: Ledger) -> None:
     loader = FakeLoader()
     async with await other.lease(CAPACITY, priority="urgent"), await pool_ledger(url) as ledger:
         pool = ModelPool(ledger_config(url), loader=loader, health_interval=None, ledger=ledger)
@@ -204,7 +234,7 @@ async def test_closing_the_pool_ends_a_request_waiting_for_its_lease(url: str, o
 
             tg.start_soon(request)
             with anyio.fail_after(30):  # the request waits in the ledger
-                while not sqlite3.connect(tmp_path / "ledger.db").execute("SELECT id FROM waiters").fetchall():
+                while not waiting(url):
                     await anyio.sleep(0.01)
             await pool.close()
         assert len(await other.leases()) == 1  # the other's only
