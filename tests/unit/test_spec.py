@@ -324,13 +324,16 @@ GOOD_MODEL = "{path: models/chat.gguf}"
         ("{path: models/chat.gguf, split: uniform}", "",
          "spec.model.split: split is only for a sharded model"),
         ("{path: models/chat.gguf, minWorkers: 3}", "  roles: {sharded: {workerReplicas: 2}}\n",
-         "spec.model.minWorkers: min_workers (3) is more than the 2 workers the model has"),
+         "spec.model.minWorkers: minWorkers (3) is more than the 2 workers the model has"),
+        ("{path: models/min_workers.gguf}", "", "spec.model.path: model file not found: "),
     ],
 )
 def test_an_invalid_model_field_is_named_by_its_path(models: Path, model: str, extra: str, line: str) -> None:
     lines = problems(model_doc(model, extra))
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"document 1 (tiny): {line}"), lines[0]
+    if "min_workers.gguf" in model:  # a key's name in a path is not spelled the spec's way
+        assert lines[0].endswith(str(models / "models" / "min_workers.gguf"))
 
 
 @pytest.mark.parametrize("key", sorted(k for k in map(to_camel, ModelConfig.model_fields)
@@ -363,7 +366,7 @@ def test_every_daemon_key_has_its_camel_case_path(models: Path, key: str) -> Non
          + model_doc(GOOD_MODEL), ["document 1 (d): spec.preload: unknown model 'tinny' (did you mean 'tiny'?)"]),
         ("apiVersion: llamaproc/v1\nkind: ServeConfig\nspec: {restartBackoff: 10s, restartBackoffMax: 2s}\n---\n"
          + model_doc(GOOD_MODEL),
-         ["document 1: spec: restart_backoff_max (2s) must not be less than restart_backoff (10s)"]),
+         ["document 1: spec: restartBackoffMax (2s) must not be less than restartBackoff (10s)"]),
         ("apiVersion: llamaproc/v1\nkind: ServeConfig\nspec: {apiKeys: ['a key']}\n---\n" + model_doc(GOOD_MODEL),
          ["document 1: spec.apiKeys[0]: invalid API key: must be non-empty and contain only visible ASCII characters"
           " (no spaces or commas)"]),
@@ -400,13 +403,15 @@ def test_document_errors(models: Path, text: str, expected: list[str]) -> None:
 
 def test_every_problem_is_reported_at_once_in_document_order(models: Path) -> None:
     text = (
-        "apiVersion: llamaproc/v1\nkind: ServeConfig\nspec: {queueSize: -1}\n---\n"
+        "apiVersion: llamaproc/v1\nkind: ServeConfig\nspec: {queueSize: -1, apiKeys: ['']}\n---\n"
         + model_doc("{path: models/chat.gguf, parallel: 0}", name="a")
         + "---\n"
         + model_doc(GOOD_MODEL, "  roles: {sharded: {workerReplicas: -2}}\n", name="b")
     )
     assert problems(text) == [
         "document 1: spec.queueSize: Input should be greater than or equal to 0",
+        "document 1: spec.apiKeys[0]: invalid API key: must be non-empty and contain only visible ASCII characters"
+        " (no spaces or commas)",
         "document 2 (a): spec.model.parallel: Input should be greater than or equal to 1",
         "document 3 (b): spec.roles.sharded.workerReplicas: Input should be greater than or equal to 0",
     ]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,6 +102,20 @@ _MODEL_KEYS = {
 _SETTINGS_KEYS = {to_camel(f): f for f in ServeConfig.model_fields if f != "models"}
 
 Loc = tuple[int | str, ...]
+
+#: A config key in a message (``min_workers (3) is more than ...``), to be spelled as a spec spells it.
+#: Not a part of a path, a name or a quoted value.
+_SNAKE_RE = re.compile(r"(?<![\w/.'\"-])[a-z]+(?:_[a-z]+)+(?![\w/.'\"-])")
+_SPELLING = {
+    **{field: key for key, field in _MODEL_KEYS.items()},
+    **{field: key for key, field in _SETTINGS_KEYS.items()},
+    **_SPEC_FIELDS,
+    "local_workers": "workerReplicas",
+}
+
+
+def _spelled(match: re.Match[str]) -> str:
+    return _SPELLING.get(match[0], match[0])
 
 
 # --- the documents' shapes -----------------------------------------------------------------------
@@ -288,6 +303,8 @@ class _Reader:
         self.settings: _Entry | None = None
         self.data: dict[str, Any] = {}
         self.resources: dict[str, Resources] = {}
+        #: The document of each problem of the ServeConfig, in the order _place was asked (0: none).
+        self.numbers: list[int] = []
 
     def problem(self, entry: _Entry | None, loc: Loc, message: str) -> None:
         where = _dotted(loc)
@@ -304,7 +321,9 @@ class _Reader:
         try:
             config = ServeConfig.model_validate({**self.data, "models": models}, context=context)
         except ValidationError as exc:
-            self.lines.extend(_problems(exc, place=self._place))
+            lines = [_SNAKE_RE.sub(_spelled, line) for line in _problems(exc, place=self._place)]
+            # In the order of the documents (pydantic's is that of the config's fields).
+            self.lines.extend(line for _, line in sorted(zip(self.numbers, lines, strict=True), key=lambda p: p[0]))
             raise ConfigError("\n".join(self.lines), problems=tuple(self.lines)) from None
         return config, self.resources
 
@@ -382,11 +401,14 @@ class _Reader:
         """Where a problem of the ServeConfig built from the documents is written in them."""
         if len(loc) >= 2 and loc[0] == "models" and str(loc[1]) in self.models:
             entry = self.models[str(loc[1])]
+            self.numbers.append(entry.number)
             if len(loc) == 2:  # the name itself
                 return entry.prefix, ("metadata", "name"), None
             return entry.prefix, entry.model_path(str(loc[2])) + loc[3:], None
         if self.settings is None:
+            self.numbers.append(0)
             return "", loc, None
+        self.numbers.append(self.settings.number)
         if loc:
             return self.settings.prefix, ("spec", to_camel(str(loc[0])), *loc[1:]), None
         return self.settings.prefix, ("spec",), None
