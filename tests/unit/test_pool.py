@@ -672,6 +672,37 @@ async def test_load_failures_back_off_then_fail_until_an_explicit_load() -> None
 
 
 @pytest.mark.anyio
+async def test_recovery_policy_none_fails_at_the_first_failure() -> None:
+    """A model with recovery_policy "None" is not restarted; the daemon-wide max_restarts holds for the others."""
+    loader = FakeLoader(fail=True)
+    models = {"a": {"path": "/m/a.gguf", "recovery_policy": "None"}, "b": {"path": "/m/b.gguf"}}
+    cfg = config(models=models, max_restarts=2, restart_backoff=0.01, restart_backoff_max=0.01)
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        with pytest.raises(ModelUnavailableError):
+            await pool.load("a")
+        await wait_until(lambda: status(pool, "a").phase == Phase.FAILED)
+        assert [name for name, _ in loader.calls] == ["a"]
+        with pytest.raises(ModelUnavailableError, match=r"^model 'a' failed and is not restarted; last error: .*bad file"):
+            async with pool.acquire("a"):
+                pass
+        with pytest.raises(ModelUnavailableError):
+            await pool.load("b")
+        await wait_until(lambda: status(pool, "b").phase == Phase.FAILED)
+        assert [name for name, _ in loader.calls].count("b") == 3  # the load and 2 restarts
+
+
+@pytest.mark.anyio
+async def test_restart_grace_period_is_the_loaders_grace() -> None:
+    loader = FakeLoader()
+    models = {"a": {"path": "/m/a.gguf", "restart_grace_period": "12s"}, "b": {"path": "/m/b.gguf"}}
+    async with ModelPool(config(models=models, max_loaded_models=2), loader=loader, health_interval=None) as pool:
+        await pool.load("a")
+        await pool.load("b")
+    assert loader.options[0]["grace"] == 12.0
+    assert "grace" not in loader.options[1]  # the loader's own default
+
+
+@pytest.mark.anyio
 async def test_unload_clears_failed() -> None:
     loader = FakeLoader(fail=True)
     cfg = config("a", max_restarts=0)

@@ -1,4 +1,4 @@
-"""The ``llamaproc`` command: ``run``, ``demo``, ``discover``, ``serve`` and the daemon's clients."""
+"""The ``llamaproc`` command: ``run``, ``demo``, ``discover``, ``serve``, ``render`` and the daemon's clients."""
 
 from ._daemon_cli import DaemonClient, find_socket
 from ._main import main

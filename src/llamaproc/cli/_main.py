@@ -7,6 +7,7 @@
 ``llamaproc chat MODEL [PROMPT]``  chat with a model, directly or through the daemon (``--daemon``)
 ``llamaproc ps`` / ``llamaproc stop``  the running daemon's models / stop it
 ``llamaproc worker [--register URL]``  run an rpc worker (``ggml-rpc-server``) a daemon can shard models over
+``llamaproc render SPEC --image I``  print the Kubernetes manifests that run a serving spec's models
 """
 
 from __future__ import annotations
@@ -162,6 +163,31 @@ async def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace) -> int:
+    """Print the Kubernetes manifests of a spec; exit 2 on a bad spec, as ``serve`` does on a bad config."""
+    from ..errors import ConfigError
+    from ..kube import MODEL_DIR, dump_manifests, render_manifests
+    from ..runtime import read_spec
+
+    try:
+        spec = read_spec(args.spec, model_dir=MODEL_DIR)
+        manifests = render_manifests(
+            spec,
+            image=args.image,
+            namespace=args.namespace,
+            models_claim=args.models_claim,
+            models_host_path=args.models_host_path,
+            api_keys_secret=args.api_keys_secret,
+            gpu_resource=args.gpu_resource,
+        )
+    except ConfigError as exc:
+        print(f"llamaproc render: {exc}", file=sys.stderr)
+        return 2
+    _write(f"# llamaproc render {Path(args.spec).name}: {len(manifests)} objects\n")
+    _write(dump_manifests(manifests))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaproc", description="Supervise llama.cpp's llama-server.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log llama-server's output to stderr")
@@ -184,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     disc.add_argument("directory")
 
     serve = sub.add_parser("serve", help="run the multi-model daemon in the foreground")
-    serve.add_argument("--config", required=True, help="TOML config file")
+    serve.add_argument("--config", required=True, help="TOML config file, or a serving spec (.yaml)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8484, help="HTTP port (0: any free port)")
     serve.add_argument("--socket", default=None, help="Unix socket path (default: STATE_DIR/serve.sock)")
@@ -210,6 +236,20 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"the daemon's API key (default: ${API_KEY_ENV})")
     worker.add_argument("--advertise", default=None, metavar="HOST:PORT",
                         help="the address to register (default: where it listens; needed with --host 0.0.0.0)")
+
+    render = sub.add_parser("render", help="print the Kubernetes manifests that run a serving spec's models")
+    render.add_argument("spec", help="the serving spec (YAML, or TOML of [[documents]])")
+    render.add_argument("--image", required=True, help="the container image: llamaproc[daemon] and llama-server")
+    render.add_argument("--namespace", default=None, help="the objects' namespace (default: none, kubectl's)")
+    volume = render.add_mutually_exclusive_group()
+    volume.add_argument("--models-claim", default=None, metavar="PVC",
+                        help="the PersistentVolumeClaim of the models, mounted at /models (default: llamaproc-models)")
+    volume.add_argument("--models-host-path", default=None, metavar="DIR",
+                        help="a directory of the nodes holding the models, instead of a claim")
+    render.add_argument("--api-keys-secret", default="llamaproc-api-keys", metavar="NAME",
+                        help="the Secret whose key 'api-key' holds the daemons' API key (default: llamaproc-api-keys)")
+    render.add_argument("--gpu-resource", default="nvidia.com/gpu", metavar="NAME",
+                        help="the resource a pod asks for when its model's device is not cpu (default: nvidia.com/gpu)")
 
     for name, text in (("ps", "list the running daemon's models"), ("stop", "stop the running daemon")):
         p = sub.add_parser(name, help=text)
@@ -241,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _discover(args)
         if args.command == "worker":
             return anyio.run(_worker, args)
+        if args.command == "render":
+            return _render(args)
         if args.command == "serve":
             try:
                 from ..serve import cmd_serve

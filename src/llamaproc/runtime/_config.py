@@ -17,7 +17,9 @@ per model::
     workers = ["10.0.0.2:50052", "10.0.0.3:50052"]
     split = [3, 1]
 
-:func:`load_config` reads and validates it into a frozen :class:`ServeConfig`.
+:func:`load_config` reads and validates it into a frozen :class:`ServeConfig`;
+it also reads the same config written as a serving spec (YAML documents, see
+``_spec.py``).
 Durations are stored as float seconds (``None`` when disabled) and sizes as
 int bytes. Every problem in the file is reported at once, one line each, as a
 :class:`ConfigError` naming the file and the dotted key path.
@@ -31,7 +33,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -376,6 +378,14 @@ class ModelConfig(BaseModel):
     directory); :func:`load_config` also checks that it is an existing file.
     ``binary`` is resolved the same way when it contains a ``/`` or starts with
     ``~``; a bare name is left for a ``PATH`` search.
+
+    ``replicas`` (1): how many copies of the model serve it; the daemon runs
+    one, so its loaders refuse more (a spec rendered for Kubernetes runs them
+    as pods). ``recovery_policy``: ``"Restart"`` (default) restarts a crashed
+    model with backoff; ``"None"`` marks it Failed at its first crash or failed
+    load. ``restart_grace_period``: seconds a stopping llama-server (unloaded,
+    replaced or restarted) gets between SIGTERM and SIGKILL (default: the
+    library's 5 s).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -397,6 +407,9 @@ class ModelConfig(BaseModel):
     max_reshards: StrictInt | None = Field(default=None, ge=0)
     priority: _Priority | None = None
     device: _Device = "cpu"
+    replicas: StrictInt = Field(default=1, ge=1)
+    recovery_policy: Literal["Restart", "None"] = "Restart"
+    restart_grace_period: _PositiveDuration | None = None
 
     @property
     def sharded(self) -> bool:
@@ -409,6 +422,19 @@ class ModelConfig(BaseModel):
         if isinstance(self.workers, tuple):
             return len(self.workers)
         return self.local_workers
+
+    @field_validator("replicas")
+    @classmethod
+    def _one_replica(cls, value: int, info: ValidationInfo) -> int:
+        # The one place that refuses replicas above 1, for the daemon's loaders (load_config, load_spec):
+        # `llamaproc render` reads specs without it (Kubernetes runs the replicas). Remove it when the
+        # daemon runs replicas of its own.
+        if value > 1 and _context(info).get("one_replica"):
+            raise ConfigError(
+                f"replicas above 1 are not supported yet by llamaproc serve (got {value}): one daemon runs"
+                " one replica of each model; `llamaproc render` runs more as Kubernetes pods"
+            )
+        return value
 
     @field_validator("workers")
     @classmethod
@@ -623,11 +649,17 @@ def _absolute(path: Path, info: ValidationInfo) -> Path:
 def load_config(path: str | os.PathLike[str]) -> ServeConfig:
     """Read, validate and return the serve config at ``path``.
 
-    Raises :class:`ConfigError` for a missing or unreadable file, invalid TOML,
-    and every invalid value, unknown key or missing model file, each reported
-    as ``FILE: dotted.key: problem``.
+    A ``.yaml`` or ``.yml`` file, or a TOML file of ``[[documents]]``, is a
+    serving spec (see :func:`~llamaproc.runtime.load_spec`); any other file is
+    the TOML config above. Raises :class:`ConfigError` for a missing or
+    unreadable file, invalid TOML, and every invalid value, unknown key or
+    missing model file, each reported as ``FILE: dotted.key: problem``.
     """
+    from ._spec import SPEC_SUFFIXES, load_spec_data
+
     name = os.fspath(path)
+    if Path(name).suffix.lower() in SPEC_SUFFIXES:
+        return load_spec_data(_read_text(path), path=path, yaml=True)
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -645,28 +677,60 @@ def load_config(path: str | os.PathLike[str]) -> ServeConfig:
         else:  # pragma: no cover - tomllib always reports a position
             message = f"{name}: invalid TOML: {text}"
         raise ConfigError(message, path=path) from None
-    context = {"base_dir": Path(os.path.abspath(path)).parent, "check_paths": True}
+    if "documents" in data:
+        return load_spec_data(data, path=path, yaml=False)
     try:
-        return ServeConfig.model_validate(data, context=context)
+        return ServeConfig.model_validate(data, context=daemon_context(path))
     except ValidationError as exc:
         problems = tuple(f"{name}: {line}" for line in _problems(exc))
         raise ConfigError("\n".join(problems), path=path, problems=problems) from None
 
 
-def _problems(exc: ValidationError) -> list[str]:
-    """One readable line per pydantic error: ``dotted.key: message``."""
+def daemon_context(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The validation context of the daemon's loaders: paths against the folder of the file at ``path``
+    (no ``base_dir`` without one), model files that must exist, one replica per model."""
+    context: dict[str, Any] = {"check_paths": True, "one_replica": True}
+    if path is not None:
+        context["base_dir"] = Path(os.path.abspath(path)).parent
+    return context
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    """The text of a config file, or :class:`ConfigError` naming it."""
+    name = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: config file not found", path=path) from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read config file: {exc.strerror or exc}", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not valid UTF-8 (at byte {exc.start})", path=path) from None
+
+
+#: Where a problem at a location of a validated value is reported: ``place(loc)`` gives a prefix for its
+#: line, the location as the user wrote it, and the keys known at the parent of an unknown key (or None).
+Place = Callable[[tuple[int | str, ...]], tuple[str, tuple[int | str, ...], list[str] | None]]
+
+
+def _problems(exc: ValidationError, *, place: Place | None = None) -> list[str]:
+    """One readable line per pydantic error: ``dotted.key: message``; ``place`` maps the locations."""
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(part for part in err["loc"] if part != "[key]" and not str(part).startswith("<"))
+        prefix, known = "", None
+        if place is not None:
+            prefix, loc, known = place(loc)
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
             where = _dotted(loc[:-1])
-            message = f"unknown key {key!r}{_suggest(key, _known_keys(loc[:-1]))}"
+            message = f"unknown key {key!r}{_suggest(key, known if known is not None else _known_keys(loc[:-1]))}"
         else:
             where = _dotted(loc)
             error = err.get("ctx", {}).get("error")
             message = str(error) if isinstance(error, ConfigError) else err["msg"]
-        lines.append(f"{where}: {message}" if where else message)
+        lines.append(prefix + (f"{where}: {message}" if where else message))
     return lines
 
 

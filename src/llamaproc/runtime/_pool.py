@@ -223,7 +223,8 @@ class ModelPool(Generic[E]):
     ``health_interval`` is the supervisors' ``/health`` probe period
     (``None``: exit watch only), ``health_timeout`` the time each probe may
     take and ``health_failures`` the failed probes in a row that count as a
-    crash.
+    crash. A model whose ``recovery_policy`` is ``"None"`` is not restarted:
+    its first crash or failed load marks it Failed.
 
     A sharded model (``workers`` or ``local_workers`` in its config) is
     loaded with :func:`~llamaproc.runtime.shard_options`: ``local_workers``
@@ -266,7 +267,7 @@ class ModelPool(Generic[E]):
                 loader=self._sharding(name, loader) if model_config.sharded else loader,
                 restart_backoff=config.restart_backoff,
                 restart_backoff_max=config.restart_backoff_max,
-                max_restarts=config.max_restarts,
+                max_restarts=0 if model_config.recovery_policy == "None" else config.max_restarts,
                 restart_window=config.restart_window,
                 health_interval=health_interval,
                 health_timeout=health_timeout,

@@ -156,7 +156,8 @@ class Supervisor(Generic[E]):
     What it supervises is an :class:`~llamaproc.runtime.Endpoint` (a
     :class:`~llamaproc.TextModel` with the default loader). ``loader`` is called as ``loader(config.path, binary=..., parallel=...,
     ctx_size=..., gpu_layers=..., threads=..., embeddings=..., args=...,
-    env=...)`` (default :func:`llamaproc.load_model`). ``health_interval``
+    env=...)`` (default :func:`llamaproc.load_model`), plus ``grace=`` when
+    the config has a ``restart_grace_period``. ``health_interval``
     seconds between ``/health`` probes (``None`` disables probing), each
     allowed ``health_timeout`` seconds; ``health_failures`` failed probes in
     a row count as a crash. ``on_change(supervisor, event)`` is called on
@@ -420,6 +421,8 @@ class Supervisor(Generic[E]):
         return ModelUnavailableError(self._failed_message())
 
     def _failed_message(self) -> str:
+        if self.max_restarts == 0:
+            return f"model {self.name!r} failed and is not restarted; last error: {self._last_error}"
         return (
             f"model {self.name!r} failed after more than {self.max_restarts} restarts within"
             f" {self.restart_window:g} s; last error: {self._last_error}"
@@ -524,6 +527,9 @@ class Supervisor(Generic[E]):
 
     async def _load(self) -> E:
         cfg = self.config
+        # The stop grace goes to the loader only when the config sets one: a loader of another kind
+        # of endpoint need not know it.
+        extra: dict[str, Any] = {} if cfg.restart_grace_period is None else {"grace": cfg.restart_grace_period}
         model: E = await self._loader(
             cfg.path,
             binary=cfg.binary,
@@ -534,6 +540,7 @@ class Supervisor(Generic[E]):
             embeddings=cfg.embeddings,
             args=cfg.args,
             env=dict(cfg.env),
+            **extra,
         )
         return model
 
