@@ -28,6 +28,7 @@
     │   ├── ModelNotFoundError       no model of that name in the config
     │   ├── ModelUnavailableError    the model is Failed (too many restarts) or cannot be loaded
     │   ├── QueueFullError           admission refused: slots and queue full; .retry_after
+    │   ├── RolloutError             a rolling update was rolled back (a new replica did not serve)
     │   └── ShuttingDownError        the pool is draining and takes no new requests
     ├── DaemonError                  talking to a running `llamaproc serve` over its socket
     │   ├── DaemonNotRunningError    no daemon answers
@@ -66,6 +67,7 @@ __all__ = [
     "PoolError",
     "ProcessError",
     "QueueFullError",
+    "RolloutError",
     "ServerCrashedError",
     "ServerError",
     "ServerHungError",
@@ -307,6 +309,10 @@ class InsufficientMemoryError(LedgerError):
 
 class PoolError(LlamaprocError):
     """The model pool could not serve a request."""
+
+
+class RolloutError(PoolError):
+    """A rolling update was given up and rolled back: a new replica did not serve in time, or found no memory."""
 
 
 class ModelNotFoundError(PoolError):

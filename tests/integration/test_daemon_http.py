@@ -233,7 +233,7 @@ def test_on_demand_load_then_reuse(shared: Daemon) -> None:
     assert _complete(shared, "lazy").status_code == 200
     first = _models(shared)["lazy"]
     assert first["loaded"] and first["phase"] == "Serving" and first["pid"] is not None
-    assert first["last_used"] is not None
+    assert first["lastUsed"] is not None
     spawned = set(llama_servers_of(shared.pid)) - servers
     assert spawned == {first["pid"]}
 
@@ -257,8 +257,14 @@ def test_management_routes(shared: Daemon) -> None:
     model = httpx.get(shared.http + "/v1/models/tiny")
     assert model.status_code == 200 and model.json()["id"] == "tiny"
     status = _models(shared)["tiny"]
-    for key in ("phase", "conditions", "pid", "port", "in_flight", "queued", "last_used", "restarts"):
+    keys = ("phase", "conditions", "pid", "port", "inFlight", "queued", "lastUsed", "restarts", "generation",
+            "observedGeneration", "roles")  # fmt: skip
+    for key in keys:
         assert key in status
+    assert [c["type"] for c in status["conditions"]] == [
+        "Available", "Progressing", "Failed", "UpdateInProgress", "Degraded"
+    ]  # fmt: skip
+    assert all("lastTransitionTime" in c for c in status["conditions"])
 
 
 def test_bad_requests_are_refused_and_the_daemon_keeps_serving(shared: Daemon) -> None:
@@ -524,10 +530,10 @@ async def test_busy_model_is_not_evicted(lru: Daemon) -> None:
             await first.wait()
             tg.start_soon(request_b)
             with anyio.fail_after(30):  # b is admitted, and waits for room
-                while (await models())["b"]["in_flight"] != 1:
+                while (await models())["b"]["inFlight"] != 1:
                     await anyio.sleep(0.02)
             a = (await models())["a"]
-            assert a["loaded"] and a["in_flight"] == 1  # still streaming, not evicted
+            assert a["loaded"] and a["inFlight"] == 1  # still streaming, not evicted
             assert "b" not in results  # waits for room
 
         a_result: StreamResult = results["a"]
@@ -536,7 +542,7 @@ async def test_busy_model_is_not_evicted(lru: Daemon) -> None:
         assert results["b"].status_code == 200
         # b's request ended after a's (the daemon's own record of when each model was last used).
         after = await models()
-        assert datetime.fromisoformat(after["b"]["last_used"]) > datetime.fromisoformat(after["a"]["last_used"])
+        assert datetime.fromisoformat(after["b"]["lastUsed"]) > datetime.fromisoformat(after["a"]["lastUsed"])
 
 
 @pytest.fixture(scope="module")
@@ -615,9 +621,9 @@ async def test_client_disconnect_frees_the_slot_and_leaves_the_queue(narrow: Dae
         with anyio.fail_after(30):  # the queued request left the queue
             while (await status())["queued"] != 0:
                 await anyio.sleep(0.02)
-        assert (await status())["in_flight"] == 1
+        assert (await status())["inFlight"] == 1
     with anyio.fail_after(30):  # the stream's client went away: the slot is free again
-        while (await status())["in_flight"] != 0:
+        while (await status())["inFlight"] != 0:
             await anyio.sleep(0.02)
     async with httpx.AsyncClient(base_url=narrow.http, timeout=60) as client:
         response = await client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4})
@@ -664,8 +670,10 @@ def test_crash_of_a_child_is_restarted(tmp_path: Path, long_model: Path, backend
         new = _wait_for(restarted, what="restart")
         assert phases <= {"Loading", "Serving"}  # never Failed or Pending on the way
         assert new["restarts"] >= 1 and new["loaded"]
-        crashed = next(c for c in new["conditions"] if c["type"] == "Crashed")
-        assert (crashed["status"], crashed["reason"]) == ("False", "Recovered")  # crashed, then loaded again
+        available = next(c for c in new["conditions"] if c["type"] == "Available")
+        assert (available["status"], available["reason"]) == ("True", "MinimumReplicasAvailable")
+        (replica,) = new["roles"][0]["replicaStatuses"]
+        assert replica["restarts"] >= 1 and "exited" in replica["lastError"]  # crashed, then loaded again
         assert _complete(daemon, "tiny").status_code == 200
         assert _metric(httpx.get(daemon.http + "/metrics").text, "llamaproc_restarts_total") >= 1
         _stop_and_check(daemon)
@@ -839,7 +847,7 @@ async def test_drain_timeout_stops_models_and_ends_every_request_with_an_error(
                     await anyio.sleep(0.01)
                 tg.start_soon(waiting_for_room)
                 with anyio.fail_after(30):
-                    while (await client.get("/api/models")).json()["models"][1]["in_flight"] != 1:
+                    while (await client.get("/api/models")).json()["models"][1]["inFlight"] != 1:
                         await anyio.sleep(0.02)
                 os.kill(daemon.pid, signal.SIGTERM)
                 async with httpx.AsyncClient(base_url=daemon.http, timeout=30) as other:

@@ -130,7 +130,7 @@ def test_a_busy_model_finishes_its_request_in_flight_before_it_yields(
                 waiter = start("wait", url, str(memory + 1), "urgent", "60")
                 processes.append(waiter)
                 with anyio.fail_after(60):
-                    while not (models(daemon)["m"]["lease"] or {}).get("preempt_requested"):
+                    while not (models(daemon)["m"]["lease"] or {}).get("preemptRequested"):
                         await anyio.sleep(0.05)
                 # Asked to yield, it keeps the stream going and its lease held.
                 received = 0
@@ -139,7 +139,7 @@ def test_a_busy_model_finishes_its_request_in_flight_before_it_yields(
                     if received == 50:
                         break
                 status = models(daemon)["m"]
-                assert (status["loaded"], status["in_flight"]) == (True, 1)
+                assert (status["loaded"], status["inFlight"]) == (True, 1)
                 assert printed_nothing(waiter)
             # The stream's client went away: the model yields now.
             assert read_line(waiter).startswith("granted ")

@@ -145,7 +145,7 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(
         serving(daemon)
         stalled = _stop_reading_after_request(daemon)
         try:
-            wait_for(lambda: models(daemon)["tiny"]["in_flight"] == 1, "the stream to start")
+            wait_for(lambda: models(daemon)["tiny"]["inFlight"] == 1, "the stream to start")
             # One slot: this request waits in the queue until the stalled client is dropped.
             answer = httpx.post(
                 daemon.http + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4}, timeout=60
@@ -174,7 +174,7 @@ def test_shutdown_cuts_a_client_that_stopped_reading_without_a_traceback(
         serving(daemon)
         stalled = _stop_reading_after_request(daemon)
         try:
-            wait_for(lambda: models(daemon)["tiny"]["in_flight"] == 1, "the stream to start")
+            wait_for(lambda: models(daemon)["tiny"]["inFlight"] == 1, "the stream to start")
             assert stop_daemon(daemon) == 0
         finally:
             stalled.close()

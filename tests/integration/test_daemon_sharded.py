@@ -117,7 +117,7 @@ def test_local_workers_serve_and_survive_an_eviction(http: httpx.Client) -> None
     status = _model(http, "local")
     assert status["phase"] == "Serving" and _condition(status, "Degraded") == "False"
     assert sorted(s["address"] for s in status["layout"]) == sorted(w["address"] for w in local)
-    assert status["lost_workers"] == []
+    assert status["lostWorkers"] == []
     layers = sorted((s["layers"]["start"], s["layers"]["stop"]) for s in status["layout"])
     assert layers[0][0] == 0 and layers[0][1] == layers[1][0]  # contiguous, every layer placed
 
@@ -128,7 +128,7 @@ def test_local_workers_serve_and_survive_an_eviction(http: httpx.Client) -> None
 
     status = until(
         "the model to reshard onto one worker",
-        lambda: s if (s := _model(http, "local"))["lost_workers"] == [gone["address"]] else None,
+        lambda: s if (s := _model(http, "local"))["lostWorkers"] == [gone["address"]] else None,
     )
     assert status["phase"] == "Serving" and _condition(status, "Degraded") == "True"
     assert [s["address"] for s in status["layout"]] == [local[1]["address"]]

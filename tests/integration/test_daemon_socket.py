@@ -185,7 +185,7 @@ def test_models_status_and_reuse(daemon: Daemon) -> None:
         assert models["tiny"] == {"name": "tiny", "phase": "Serving", "loaded": True}
         status = client.call("status")
         tiny = {m["name"]: m for m in status["models"]}["tiny"]
-        assert tiny["pid"] in llama_servers_of(daemon.pid) and tiny["in_flight"] == 0 and tiny["parallel"] == 2
+        assert tiny["pid"] in llama_servers_of(daemon.pid) and tiny["inFlight"] == 0 and tiny["parallel"] == 2
         assert set(status["stats"]) >= {"loads", "evictions", "restarts", "idle_unloads"}
         loads = status["stats"]["loads"]
         list(client.stream("generate", model="tiny", prompt="b", max_tokens=2))
@@ -273,7 +273,7 @@ def test_cancel_op(daemon: Daemon) -> None:
         conn.send({"op": "cancel", "id": "long"})
         final = conn.until_final("long")[-1]
         assert (final["event"], final["code"]) == ("error", "cancelled")
-        _wait_for(lambda: _status(daemon)["narrow"]["in_flight"] == 0, what="the slot to be free")
+        _wait_for(lambda: _status(daemon)["narrow"]["inFlight"] == 0, what="the slot to be free")
         conn.send({"id": "long", "op": "generate", "model": "narrow", "prompt": "x", "max_tokens": 2})
         assert conn.until_final("long")[-1]["event"] == "done"
     finally:
@@ -318,7 +318,7 @@ def test_disconnect_frees_the_slot_and_leaves_the_queue(daemon: Daemon) -> None:
     _wait_for(lambda: _status(daemon)["narrow"]["queued"] == 1, what="the second request to queue")
     conn.close()
     _wait_for(
-        lambda: (m := _status(daemon)["narrow"])["queued"] == 0 and m["in_flight"] == 0,
+        lambda: (m := _status(daemon)["narrow"])["queued"] == 0 and m["inFlight"] == 0,
         what="the client's requests to go",
     )
     # The gone client's stream would never end by itself (--context-shift): a token for this request
@@ -389,9 +389,9 @@ def test_chat_and_ps_commands(daemon: Daemon) -> None:
     ps = _cli("ps", "--state-dir", state)
     assert ps.returncode == 0, ps.stderr
     lines = ps.stdout.splitlines()
-    assert lines[0].split()[:2] == ["NAME", "PHASE"]
+    assert lines[0].split()[:3] == ["NAME", "PHASE", "READY"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert rows["tiny"][1] == "Serving" and int(rows["tiny"][2]) in llama_servers_of(daemon.pid)
+    assert rows["tiny"][1:3] == ["Serving", "1/1"] and int(rows["tiny"][3]) in llama_servers_of(daemon.pid)
 
 
 def test_stop_command_with_a_socket_elsewhere(tmp_path: Path, tiny_model: Path, backend: Any) -> None:

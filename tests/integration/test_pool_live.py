@@ -172,7 +172,8 @@ async def test_a_killed_child_is_restarted_with_backoff(two_models: tuple[Path, 
         await wait_until(lambda: status(pool, "a").restarts == 1)
         during = status(pool, "a")
         assert during.phase == Phase.LOADING and during.pid is None
-        assert {c.type: c for c in during.conditions}["Ready"].reason == "BackOff"
+        assert {c.type: c for c in during.conditions}["Available"].reason == "Loading"
+        assert {c.type: c for c in pool.supervisor("a").conditions}["Ready"].reason == "BackOff"
         # A request arriving now, with no process running, waits for the restart and gets the new one.
         async with pool.acquire("a") as model:
             assert model.pid != first.pid
@@ -328,8 +329,8 @@ async def test_idle_models_are_unloaded(two_models: tuple[Path, Path]) -> None:
         await wait_until(lambda: pool.stats.idle_unloads == 1)
         assert gone(pid)
         # Unloaded after the last use. (When exactly, on a virtual clock: tests/unit/test_pool.py.)
-        unloaded = {c.type: c for c in status(pool, "a").conditions}["Loaded"]
-        assert unloaded.reason == "Unloaded" and released is not None
+        unloaded = {c.type: c for c in status(pool, "a").conditions}["Available"]
+        assert unloaded.reason == "NotLoaded" and released is not None
         assert unloaded.last_transition_time > released
         assert status(pool, "a").phase == Phase.PENDING and not status(pool, "a").loaded
         async with pool.acquire("a") as model:

@@ -46,6 +46,7 @@ SAMPLES: dict[str, Any] = {
     "ModelNotFoundError": lambda cls: cls("no model 'x'"),
     "ModelUnavailableError": lambda cls: cls("failed"),
     "QueueFullError": lambda cls: cls("queue full", retry_after=2.5),
+    "RolloutError": lambda cls: cls("model 'm': rolled back to the previous config: the new replica failed"),
     "ShuttingDownError": lambda cls: cls("draining"),
     "DaemonError": lambda cls: cls("socket"),
     "DaemonNotRunningError": lambda cls: cls("no daemon"),

@@ -400,11 +400,11 @@ async def test_a_model_being_unloaded_is_not_reported_serving() -> None:
             assert not loader.models[0].closed  # still stopping: its close() waits for `stopping`
             assert not st.loaded
             assert st.phase == Phase.PENDING
-            assert {c.type: c for c in st.conditions}["Ready"].reason == "Unloading"
+            assert {c.type: c for c in st.conditions}["Available"].reason == "Unloading"
         finally:
             stopping.set()
         await wait_until(lambda: loader.models[0].closed)
-        await wait_until(lambda: {c.type: c for c in status(pool, "a").conditions}["Ready"].reason == "Unloaded")
+        await wait_until(lambda: {c.type: c for c in status(pool, "a").conditions}["Available"].reason == "NotLoaded")
 
 
 @pytest.mark.anyio

@@ -34,7 +34,8 @@ import anyio
 import anyio.abc
 import pytest
 from llama_stub import PROMPT_TOKENS, LlamaStub
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
 
 from llamaproc.cli._daemon_cli import (
     DaemonClient,
@@ -140,6 +141,8 @@ class FakeEndpoint:
 
 
 class FakeStatus(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True)
+
     name: str
     phase: str
     loaded: bool
@@ -357,7 +360,7 @@ async def test_ping_models_status(sock_path: Path) -> None:
         await c.send({"id": "s", "op": "status"})
         status = await c.event()
         assert status["event"] == "result" and status["id"] == "s"
-        assert status["models"][0]["pid"] == 123 and status["models"][0]["last_used"] == "2024-01-02T03:04:05Z"
+        assert status["models"][0]["pid"] == 123 and status["models"][0]["lastUsed"] == "2024-01-02T03:04:05Z"
         assert status["models"][1]["pid"] is None
         assert status["stats"] == {"loads": 3, "evictions": 1, "restarts": 0, "idle_unloads": 2}
         assert status["draining"] is False
@@ -950,10 +953,10 @@ async def test_cmd_chat_and_ps(
         assert await anyio.to_thread.run_sync(cmd_ps, ps_args) == 0
         out = capsys.readouterr().out.splitlines()
     assert out[0].split() == [
-        "NAME", "PHASE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS", "LEASE", "LAST", "USED"
+        "NAME", "PHASE", "READY", "PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS", "LEASE", "LAST", "USED"
     ]  # fmt: skip
-    assert out[1].split()[:7] == ["tiny", "Serving", "123", "4567", "0", "0", "0"]
-    assert out[2].split() == ["big", "Pending", "-", "-", "0", "0", "0", "-", "-"]
+    assert out[1].split()[:8] == ["tiny", "Serving", "-", "123", "4567", "0", "0", "0"]
+    assert out[2].split() == ["big", "Pending", "-", "-", "-", "0", "0", "0", "-", "-"]
     assert llama.bodies(b"/v1/chat/completions") == [
         {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "temperature": 0.0, "stream": True}
     ]
@@ -992,20 +995,22 @@ def test_ps_table_times() -> None:
                 "phase": "Serving",
                 "pid": 1,
                 "port": 2,
-                "in_flight": 1,
+                "inFlight": 1,
                 "queued": 0,
                 "restarts": 2,
-                "lease": {"memory": 10022624, "priority": "normal", "preempt_requested": True},
-                "last_used": (now - timedelta(seconds=5)).isoformat(),
+                "roles": [{"readyReplicas": 1, "replicas": 2}],
+                "lease": {"memory": 10022624, "priority": "normal", "preemptRequested": True},
+                "lastUsed": (now - timedelta(seconds=5)).isoformat(),
             },
-            {"name": "b", "phase": "Failed", "last_used": (now - timedelta(minutes=7)).isoformat()},
+            {"name": "b", "phase": "Failed", "lastUsed": (now - timedelta(minutes=7)).isoformat()},
         ],
         now=now,
     )
     lines = table.splitlines()
     assert lines[1].endswith("5s ago") and lines[2].endswith("7m ago")
     assert lines[2].split()[:3] == ["b", "Failed", "-"]
-    assert lines[1].split()[7] == "9.6MiB@normal!" and lines[2].split()[7] == "-"
+    assert lines[1].split()[2] == "1/2" and lines[2].split()[2] == "-"
+    assert lines[1].split()[8] == "9.6MiB@normal!" and lines[2].split()[8] == "-"
 
 
 def test_cmd_stop_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -262,21 +262,24 @@ def test_an_empty_serve_config_document_and_blank_documents(models: Path) -> Non
 # --- replicas ---------------------------------------------------------------------------------------
 
 
-def test_replicas_above_one_are_refused_by_the_daemon_only(models: Path) -> None:
+def test_replicas_above_one_of_a_sharded_model_are_refused_by_the_daemon_only(models: Path) -> None:
     text = model_doc("{path: models/chat.gguf}", "  roles: {sharded: {replicas: 3, workerReplicas: 2}}\n")
     lines = problems(text)
     assert lines == [
-        "document 1 (tiny): spec.roles.sharded.replicas: replicas above 1 are not supported yet by llamaproc serve"
-        " (got 3): one daemon runs one replica of each model; `llamaproc render` runs more as Kubernetes pods"
+        "document 1 (tiny): spec.roles.sharded.replicas: a sharded model runs one replica in llamaproc serve"
+        " (got 3): its rpc workers serve one llama-server at a time; `llamaproc render` runs more as"
+        " LeaderWorkerSet groups"
     ]
     path = write(models, text)
     with pytest.raises(ConfigError, match=r"serving.yaml: document 1 \(tiny\): spec.roles.sharded.replicas: "):
         load_config(path)
     assert read_spec(path).config.models["tiny"].replicas == 3  # for `llamaproc render`
-    toml = write(models, '[models.tiny]\npath = "models/chat.gguf"\nreplicas = 2\n', "serve.toml")
-    with pytest.raises(ConfigError, match=r"serve.toml: models.tiny.replicas: replicas above 1 are not supported"):
+    toml = write(models, '[models.tiny]\npath = "models/chat.gguf"\nlocal_workers = 1\nreplicas = 2\n', "serve.toml")
+    with pytest.raises(ConfigError, match=r"serve.toml: models.tiny.replicas: a sharded model runs one replica"):
         load_config(toml)
-    assert ServeConfig.model_validate({"models": {"t": {"path": "x", "replicas": 2}}}).models["t"].replicas == 2
+    # A model that is not sharded runs its replicas in the daemon.
+    server = write(models, model_doc("{path: models/chat.gguf}", "  roles: {server: {replicas: 3}}\n"))
+    assert load_config(server).models["tiny"].replicas == 3
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -338,7 +341,8 @@ def test_an_invalid_model_field_is_named_by_its_path(models: Path, model: str, e
 
 @pytest.mark.parametrize("key", sorted(k for k in map(to_camel, ModelConfig.model_fields)
                                        if k not in ("replicas", "localWorkers", "workers", "recoveryPolicy",
-                                                    "restartGracePeriod", "priority", "device")))  # fmt: skip
+                                                    "restartGracePeriod", "priority", "device",
+                                                    "progressDeadline")))  # fmt: skip
 def test_every_model_key_has_its_camel_case_path(models: Path, key: str) -> None:
     """Each field under spec.model, given a value no field takes, is reported at its own path."""
     model = {"path": "models/chat.gguf", key: {"x": [1]}}

@@ -27,7 +27,7 @@ from typing import Any, Self
 
 import psutil
 
-from ..errors import DaemonError, DaemonNotRunningError, DaemonRequestError
+from ..errors import ConfigError, DaemonError, DaemonNotRunningError, DaemonRequestError
 from ..runtime import read_pid
 
 __all__ = [
@@ -321,7 +321,7 @@ def _chat_direct(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
 
 # --- llamaproc ps ----------------------------------------------------------------------------------
 
-_COLUMNS = ("NAME", "PHASE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS", "LEASE", "LAST USED")
+_COLUMNS = ("NAME", "PHASE", "READY", "PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS", "LEASE", "LAST USED")
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -344,17 +344,25 @@ def format_table(models: Sequence[Mapping[str, Any]], *, now: datetime | None = 
             (
                 str(m.get("name", "?")),
                 str(m.get("phase", "?")),
+                _ready(m.get("roles")),
                 _dash(m.get("pid")),
                 _dash(m.get("port")),
-                _dash(m.get("in_flight")),
+                _dash(m.get("inFlight")),
                 _dash(m.get("queued")),
                 _dash(m.get("restarts")),
                 _lease(m.get("lease")),
-                _ago(m.get("last_used"), now),
+                _ago(m.get("lastUsed"), now),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() + "\n" for row in rows)
+
+
+def _ready(roles: Any) -> str:
+    """``1/2``: the replicas serving of those wanted (``-`` without a role)."""
+    if not isinstance(roles, list) or not roles or not isinstance(roles[0], Mapping):
+        return "-"
+    return f"{roles[0].get('readyReplicas', '?')}/{roles[0].get('replicas', '?')}"
 
 
 def _lease(lease: Any) -> str:
@@ -368,7 +376,7 @@ def _lease(lease: Any) -> str:
             break
         size /= 1024
     text = f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-    return f"{text}@{lease.get('priority', '?')}" + ("!" if lease.get("preempt_requested") else "")
+    return f"{text}@{lease.get('priority', '?')}" + ("!" if lease.get("preemptRequested") else "")
 
 
 def _dash(value: Any) -> str:
@@ -395,6 +403,49 @@ def _ago(value: Any, now: datetime | None) -> str:
 
 
 # --- llamaproc stop --------------------------------------------------------------------------------
+
+
+# --- llamaproc apply -------------------------------------------------------------------------------
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """``llamaproc apply FILE``: 0 when applied (or nothing changed), 1 when refused or rolled back, 2 for a bad file.
+
+    The file is read here (relative paths against its folder) and sent to the
+    daemon as spec documents with absolute paths; the daemon checks it again
+    and answers once every change is in place.
+    """
+    from ..runtime import config_to_spec, load_config
+
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        _err(f"llamaproc apply: {exc}")
+        return 2
+    dry_run = bool(getattr(args, "dry_run", False))
+    try:
+        with DaemonClient(find_socket(args), timeout=None) as client:
+            answer = client.call("apply", documents=config_to_spec(config), dry_run=dry_run)
+    except DaemonRequestError as exc:
+        problems = exc.event.get("problems")
+        lines = problems if isinstance(problems, list) and problems else [exc.message]
+        _err("llamaproc apply: the daemon refused the config:\n" + "\n".join(f"  {line}" for line in lines))
+        return 1
+    except DaemonError as exc:
+        _err(f"llamaproc apply: {exc}")
+        return 1
+    changes = answer.get("changes") or []
+    if not changes:
+        _out("nothing to change\n")
+        return 0
+    if dry_run:
+        _out("dry run: nothing was changed; applying would make these changes:\n")
+    failed = False
+    for change in changes:
+        action = str(change.get("action"))
+        failed |= action in ("rolled_back", "restart_required")
+        _out(f"{change.get('model') or 'daemon'}: {action}: {change.get('detail')}\n")
+    return 1 if failed and not dry_run else 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -251,10 +251,18 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--gpu-resource", default="nvidia.com/gpu", metavar="NAME",
                         help="the resource a pod asks for when its model's device is not cpu (default: nvidia.com/gpu)")
 
-    for name, text in (("ps", "list the running daemon's models"), ("stop", "stop the running daemon")):
+    serve.add_argument("--watch", action="store_true", help="apply the config file again whenever it changes")
+    for name, text in (
+        ("ps", "list the running daemon's models"),
+        ("stop", "stop the running daemon"),
+        ("apply", "serve a new config (TOML or spec) in the running daemon, without a restart"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--state-dir", default=None)
         p.add_argument("--socket", default=None)
+        if name == "apply":
+            p.add_argument("file", help="the config: TOML, or a serving spec (.yaml)")
+            p.add_argument("--dry-run", action="store_true", help="print the changes without making them")
         if name == "stop":
             p.add_argument(
                 "--timeout",
@@ -297,7 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         from . import _daemon_cli
 
-        command = {"chat": _daemon_cli.cmd_chat, "ps": _daemon_cli.cmd_ps, "stop": _daemon_cli.cmd_stop}
+        command = {
+            "chat": _daemon_cli.cmd_chat, "ps": _daemon_cli.cmd_ps, "stop": _daemon_cli.cmd_stop,
+            "apply": _daemon_cli.cmd_apply,
+        }  # fmt: skip
         return command[args.command](args)
     except BrokenPipeError:
         # Whoever read our output has gone (`llamaproc run ... | head`): stop quietly, like a

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import (
     ClosedError,
+    ConfigError,
     InvalidArgumentError,
     LeaseTimeoutError,
     LedgerError,
@@ -63,7 +64,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
         ErrorCode("invalid_json", 400, _INVALID, "the body (or the line) is not a JSON object"),
         ErrorCode("bad_request", 400, _INVALID,
                   "a field is missing or has a wrong type or value (`param` names it), "
-                  "or llama-server refused the request's parameters"),
+                  "llama-server refused the request's parameters, or an applied config is invalid (`problems`)"),
         ErrorCode("invalid_api_key", 401, _INVALID, "no `Authorization: Bearer KEY` header, or not a configured key",
                   "http"),
         ErrorCode("origin_not_allowed", 403, _INVALID,
@@ -112,7 +113,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
 
 def error_code(exc: BaseException) -> str:
     """The code of the table for ``exc``."""
-    if isinstance(exc, InvalidArgumentError):
+    if isinstance(exc, (InvalidArgumentError, ConfigError)):
         return "bad_request"
     if isinstance(exc, ModelNotFoundError):
         return "model_not_found"

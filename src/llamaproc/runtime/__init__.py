@@ -13,11 +13,14 @@ from ._config import (
 )
 from ._endpoint import Endpoint, Loader
 from ._pidlock import PidLock, read_pid
-from ._pool import ModelPool, PoolStats, estimate_memory, lease_estimate
-from ._spec import Resources, ServingSpec, config_to_spec, load_spec, read_spec
-from ._supervisor import Condition, LayerRange, LeaseStatus, ModelStatus, Phase, ShardStatus, Supervisor
+from ._pool import Change, ModelPool, PoolStats, estimate_memory, lease_estimate
+from ._replicas import ReplicaSet
+from ._spec import Resources, ServingSpec, config_to_spec, load_spec, load_spec_data, read_spec
+from ._status import Condition, LayerRange, LeaseStatus, ModelStatus, Phase, ReplicaStatus, RoleStatus, ShardStatus
+from ._supervisor import Supervisor
 
 __all__ = [
+    "Change",
     "Condition",
     "Endpoint",
     "LayerRange",
@@ -29,7 +32,10 @@ __all__ = [
     "Phase",
     "PidLock",
     "PoolStats",
+    "ReplicaSet",
+    "ReplicaStatus",
     "Resources",
+    "RoleStatus",
     "ServeConfig",
     "ServingSpec",
     "ShardStatus",
@@ -39,6 +45,7 @@ __all__ = [
     "lease_estimate",
     "load_config",
     "load_spec",
+    "load_spec_data",
     "normal_worker_address",
     "parse_api_keys",
     "parse_duration",

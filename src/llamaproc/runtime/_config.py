@@ -379,9 +379,12 @@ class ModelConfig(BaseModel):
     ``binary`` is resolved the same way when it contains a ``/`` or starts with
     ``~``; a bare name is left for a ``PATH`` search.
 
-    ``replicas`` (1): how many copies of the model serve it; the daemon runs
-    one, so its loaders refuse more (a spec rendered for Kubernetes runs them
-    as pods). ``recovery_policy``: ``"Restart"`` (default) restarts a crashed
+    ``replicas`` (1): how many llama-servers of the model serve it, requests
+    going to the one with the fewest in flight (a sharded model has one in the
+    daemon; a spec rendered for Kubernetes runs its replicas as pods or
+    groups). ``progress_deadline`` (600 s): how long a new replica of a
+    rolling update may take to serve before the update is rolled back.
+    ``recovery_policy``: ``"Restart"`` (default) restarts a crashed
     model with backoff; ``"None"`` marks it Failed at its first crash or failed
     load. ``restart_grace_period``: seconds a stopping llama-server (unloaded,
     replaced or restarted) gets between SIGTERM and SIGKILL (default: the
@@ -410,6 +413,7 @@ class ModelConfig(BaseModel):
     replicas: StrictInt = Field(default=1, ge=1)
     recovery_policy: Literal["Restart", "None"] = "Restart"
     restart_grace_period: _PositiveDuration | None = None
+    progress_deadline: _PositiveDuration = 600.0
 
     @property
     def sharded(self) -> bool:
@@ -425,14 +429,14 @@ class ModelConfig(BaseModel):
 
     @field_validator("replicas")
     @classmethod
-    def _one_replica(cls, value: int, info: ValidationInfo) -> int:
-        # The one place that refuses replicas above 1, for the daemon's loaders (load_config, load_spec):
-        # `llamaproc render` reads specs without it (Kubernetes runs the replicas). Remove it when the
-        # daemon runs replicas of its own.
-        if value > 1 and _context(info).get("one_replica"):
+    def _one_sharded_replica(cls, value: int, info: ValidationInfo) -> int:
+        # For the daemon's loaders (load_config, load_spec): `llamaproc render` reads specs without
+        # this check (Kubernetes runs a sharded model's replicas as LeaderWorkerSet groups).
+        sharded = info.data.get("workers") is not None or info.data.get("local_workers") is not None
+        if value > 1 and sharded and _context(info).get("one_replica"):
             raise ConfigError(
-                f"replicas above 1 are not supported yet by llamaproc serve (got {value}): one daemon runs"
-                " one replica of each model; `llamaproc render` runs more as Kubernetes pods"
+                f"a sharded model runs one replica in llamaproc serve (got {value}): its rpc workers serve one"
+                " llama-server at a time; `llamaproc render` runs more as LeaderWorkerSet groups"
             )
         return value
 

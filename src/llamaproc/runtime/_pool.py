@@ -82,6 +82,7 @@ from ..errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     QueueFullError,
+    RolloutError,
     ShuttingDownError,
     UsageError,
     WorkerUnreachableError,
@@ -90,9 +91,11 @@ from ..ledger import Lease, Ledger
 from ..model import load_model
 from ._config import ModelConfig, ServeConfig, shard_options
 from ._endpoint import Loader
-from ._supervisor import E, LayerRange, LeaseStatus, ModelStatus, Phase, ShardStatus, Supervisor, _Unloaded
+from ._replicas import Replica, ReplicaSet
+from ._status import LayerRange, LeaseStatus, ModelStatus, Phase, ShardStatus
+from ._supervisor import E, Supervisor, _Unloaded
 
-__all__ = ["ModelPool", "PoolStats", "estimate_memory", "lease_estimate"]
+__all__ = ["Change", "ModelPool", "PoolStats", "estimate_memory", "lease_estimate"]
 
 _log = logging.getLogger("llamaproc.pool")
 
@@ -153,6 +156,59 @@ def _ctx_from_args(args: Sequence[str]) -> int | None:
 # --- bookkeeping ---------------------------------------------------------------------------------
 
 
+#: ServeConfig settings read once, at start-up: a new value needs a restart of the daemon.
+FIXED_SETTINGS = (
+    "api_keys", "allowed_hosts", "allowed_origins", "header_timeout", "body_timeout", "max_connections",
+    "write_timeout", "ledger", "ledger_capacity",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """One difference :meth:`ModelPool.apply` found (and made, unless a dry run).
+
+    ``action``: ``"add"``, ``"remove"``, ``"update"`` (a rolling update),
+    ``"scale"`` (only ``replicas`` changed), ``"rolled_back"`` (an update
+    given up), ``"setting"`` (a daemon-wide setting, applied) or
+    ``"restart_required"`` (a setting read only at start-up: not applied).
+    ``model`` names the model (``None`` for a setting), ``setting`` the
+    setting, ``detail`` says what changed.
+    """
+
+    model: str | None
+    action: str
+    detail: str
+    setting: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "action": self.action, "detail": self.detail, "setting": self.setting}
+
+
+def _diff(old: ServeConfig, new: ServeConfig) -> list[Change]:
+    """What changes from ``old`` to ``new``: daemon-wide settings first, then models in ``new``'s order."""
+    changes = []
+    for key in ServeConfig.model_fields:
+        if key == "models" or getattr(old, key) == getattr(new, key):
+            continue
+        action = "restart_required" if key in FIXED_SETTINGS else "setting"
+        shown = "(changed)" if key == "api_keys" else f"{getattr(old, key)!r} -> {getattr(new, key)!r}"
+        changes.append(Change(None, action, f"{key}: {shown}", key))
+    for name, model in new.models.items():
+        before = old.models.get(name)
+        if before is None:
+            changes.append(Change(name, "add", f"new model, {model.replicas} replica(s)"))
+        elif before != model:
+            fields = [f for f in ModelConfig.model_fields if getattr(before, f) != getattr(model, f)]
+            if fields == ["replicas"]:
+                changes.append(Change(name, "scale", f"replicas: {before.replicas} -> {model.replicas}"))
+            else:
+                changes.append(Change(name, "update", "changed: " + ", ".join(fields)))
+    for name in old.models:
+        if name not in new.models:
+            changes.append(Change(name, "remove", "no longer in the config: drained, then stopped"))
+    return changes
+
+
 @dataclasses.dataclass
 class PoolStats:
     """Counters since the pool was made; they only grow."""
@@ -176,11 +232,11 @@ class _Waiter:
 class _Entry:
     """The pool's view of one model."""
 
-    def __init__(self, name: str, config: ModelConfig, supervisor: Supervisor[Any]) -> None:
+    def __init__(self, name: str, config: ModelConfig, replicas: ReplicaSet[Any]) -> None:
         self.name = name
         self.config = config
-        self.supervisor = supervisor
-        self.memory = 0
+        self.replicas = replicas
+        self.memory = 0  # one replica's estimate
         self.lease_memory = 0  # what its lease holds (with a ledger)
         self.lease: Lease | None = None
         self.yielding = False  # asked to give its lease back: unloaded once its requests are done
@@ -189,13 +245,20 @@ class _Entry:
         self.pins = 0  # explicit load() calls waiting for it
         self.queue: collections.deque[_Waiter] = collections.deque()
         self.evicting = False
+        self.removing = False  # applied away: takes no new request, drains, then goes
+        self.scope: anyio.CancelScope | None = None  # its replicas' task
         self.last_used: datetime | None = None
         self.last_used_mono = 0.0
         self.avg_seconds: float | None = None  # recent request duration (EWMA)
 
     @property
     def active(self) -> bool:
-        return self.supervisor.active
+        return self.replicas.active
+
+    @property
+    def memory_held(self) -> int:
+        """The estimate of every replica it has (a rolling update may have one more than its config)."""
+        return self.memory * max(1, len(self.replicas))
 
     @property
     def busy(self) -> bool:
@@ -260,21 +323,10 @@ class ModelPool(Generic[E]):
         self._registered_workers = registered_workers
         self._on_change = on_change
         self._entries: dict[str, _Entry] = {}
+        self._loader = loader
+        self._health = (health_interval, health_timeout, health_failures)
         for name, model_config in config.models.items():
-            supervisor = Supervisor(
-                name,
-                model_config,
-                loader=self._sharding(name, loader) if model_config.sharded else loader,
-                restart_backoff=config.restart_backoff,
-                restart_backoff_max=config.restart_backoff_max,
-                max_restarts=0 if model_config.recovery_policy == "None" else config.max_restarts,
-                restart_window=config.restart_window,
-                health_interval=health_interval,
-                health_timeout=health_timeout,
-                health_failures=health_failures,
-                on_change=self._supervisor_changed,
-            )
-            self._entries[name] = _Entry(name, model_config, supervisor)
+            self._entries[name] = self._new_entry(name, model_config)
         self._draining = False
         self._closed = False
         self._entered = False
@@ -285,6 +337,40 @@ class ModelPool(Generic[E]):
         self._reserved: list[_Entry] = []
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._applying = anyio.Lock()
+
+    def _new_entry(self, name: str, model_config: ModelConfig) -> _Entry:
+        def make(replica_config: ModelConfig) -> Supervisor[Any]:
+            config = self.config
+            interval, timeout, failures = self._health
+            return Supervisor(
+                name,
+                replica_config,
+                loader=self._sharding(name, self._loader) if replica_config.sharded else self._loader,
+                restart_backoff=config.restart_backoff,
+                restart_backoff_max=config.restart_backoff_max,
+                max_restarts=0 if replica_config.recovery_policy == "None" else config.max_restarts,
+                restart_window=config.restart_window,
+                health_interval=interval,
+                health_timeout=timeout,
+                health_failures=failures,
+                on_change=self._supervisor_changed,
+            )
+
+        return _Entry(name, model_config, ReplicaSet(name, model_config, make))
+
+    async def _run_entry(
+        self, entry: _Entry, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            entry.scope = scope
+            task_status.started()
+            await entry.replicas.run()
+
+    async def _estimate(self, entry: _Entry) -> None:
+        entry.memory = await anyio.to_thread.run_sync(estimate_memory, entry.config)
+        if self.ledger is not None:
+            entry.lease_memory = await anyio.to_thread.run_sync(lease_estimate, entry.config)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -293,17 +379,14 @@ class ModelPool(Generic[E]):
             raise UsageError("a ModelPool can be entered only once")
         self._entered = True
         for entry in self._entries.values():
-            entry.memory = await anyio.to_thread.run_sync(estimate_memory, entry.config)
-            if self.ledger is not None:
-                entry.lease_memory = await anyio.to_thread.run_sync(lease_estimate, entry.config)
+            await self._estimate(entry)
         async with contextlib.AsyncExitStack() as stack:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             for entry in self._entries.values():
-                self._tg.start_soon(entry.supervisor.run, name=f"llamaproc-supervisor-{entry.name}")
+                await self._tg.start(self._run_entry, entry, name=f"llamaproc-replicas-{entry.name}")
             if self.ledger is not None:
                 self._tg.start_soon(self._watch_leases, self._tg, name="llamaproc-lease-watch")
-            if self.config.idle_timeout is not None:
-                self._tg.start_soon(self._reap_idle, self.config.idle_timeout, name="llamaproc-idle-unload")
+            self._tg.start_soon(self._reap_idle, name="llamaproc-idle-unload")
             if self.config.preload:
                 self._tg.start_soon(self._preload, self.config.preload, name="llamaproc-preload")
             self._stack = stack.pop_all()
@@ -337,7 +420,7 @@ class ModelPool(Generic[E]):
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for entry in self._entries.values():
-                    tg.start_soon(entry.supervisor.stop)
+                    tg.start_soon(entry.replicas.stop)
             for entry in self._entries.values():
                 await self._give_back(entry)
         self._notify()
@@ -372,13 +455,16 @@ class ModelPool(Generic[E]):
         self._notify()
 
     def _supervisor_changed(self, supervisor: Supervisor[Any], event: str) -> None:
-        entry = self._entries[supervisor.name]
+        entry = self._entries.get(supervisor.name)
+        if entry is None or not any(r.supervisor is supervisor for r in entry.replicas.replicas):
+            return  # a replica of a model removed meanwhile
+        entry.replicas.observe()
         if event == "serving":
             self.stats.loads += 1
             entry.touch()
         elif event == "restarting":
             self.stats.restarts += 1
-        elif event == "failed" and entry.lease is not None:
+        elif event == "failed" and entry.lease is not None and entry.replicas.phase is Phase.FAILED:
             # Its process is gone and it will not be restarted: the memory is free again. (A stop
             # by the pool gives the lease back itself, once the process is gone.)
             lease, entry.lease = entry.lease, None
@@ -403,17 +489,18 @@ class ModelPool(Generic[E]):
         config = self.config
         priority = entry.config.priority or config.priority
         device = entry.config.device
+        memory = entry.lease_memory * entry.config.replicas
         with anyio.CancelScope() as scope:
             self._lease_waits.add(scope)
             try:
                 lease = await ledger.lease(
-                    entry.lease_memory, device=device, priority=priority, holder=f"llamaproc serve: {entry.name}",
+                    memory, device=device, priority=priority, holder=f"llamaproc serve: {entry.name}",
                     timeout=config.lease_timeout,
                 )  # fmt: skip
             except LeaseTimeoutError as exc:
                 raise LeaseTimeoutError(
                     f"model {entry.name!r} waited {config.lease_timeout:g} s for a lease of"
-                    f" {_size(entry.lease_memory)} on {exc.device} in the ledger: {_size(exc.free)} of"
+                    f" {_size(memory)} on {exc.device} in the ledger: {_size(exc.free)} of"
                     f" {_size(exc.capacity)} free",
                     memory=exc.memory, free=exc.free, capacity=exc.capacity, device=exc.device,
                 ) from None  # fmt: skip
@@ -546,31 +633,41 @@ class ModelPool(Generic[E]):
         """One :class:`ModelStatus` per configured model, in config order."""
         result = []
         for entry in self._entries.values():
-            sup = entry.supervisor
+            replicas = entry.replicas
+            first = replicas.first
+            lost = first.lost_workers
+            conditions = replicas.conditions(lost)
             result.append(
                 ModelStatus(
                     name=entry.name,
-                    phase=sup.phase,
-                    conditions=sup.conditions,
-                    loaded=sup.model is not None,
-                    pid=sup.pid,
-                    port=sup.port,
+                    phase=replicas.phase,
+                    generation=replicas.generation,
+                    observed_generation=replicas.observed_generation,
+                    conditions=conditions,
+                    roles=[replicas.role(conditions)],
+                    loaded=first.model is not None,
+                    pid=first.pid,
+                    port=first.port,
                     in_flight=entry.in_flight,
                     queued=len(entry.queue),
                     parallel=entry.config.parallel,
                     last_used=entry.last_used,
-                    restarts=sup.restarts,
-                    memory_estimate=entry.memory,
+                    restarts=replicas.restarts,
+                    memory_estimate=entry.memory_held,
                     lease=_lease_status(entry.lease),
-                    layout=_layout(sup) if entry.config.sharded else None,
-                    lost_workers=sup.lost_workers,
+                    layout=_layout(first) if entry.config.sharded else None,
+                    lost_workers=lost,
                 )
             )
         return result
 
     def supervisor(self, name: str) -> Supervisor[E]:
-        """The supervisor of model ``name`` (its last error, conditions, ...)."""
-        return self._entry(name).supervisor
+        """The supervisor of model ``name``'s first serving replica (else its first replica)."""
+        return self._entry(name).replicas.first
+
+    def replicas(self, name: str) -> ReplicaSet[E]:
+        """The replicas of model ``name``."""
+        return self._entry(name).replicas
 
     @property
     def draining(self) -> bool:
@@ -579,7 +676,10 @@ class ModelPool(Generic[E]):
 
     def _entry(self, name: str) -> _Entry:
         try:
-            return self._entries[name]
+            entry = self._entries[name]
+            if entry.removing:
+                raise KeyError(name)
+            return entry
         except KeyError:
             known = ", ".join(self._entries) or "none"
             raise ModelNotFoundError(f"no model named {name[:100]!r} (configured: {known[:500]})") from None
@@ -600,18 +700,22 @@ class ModelPool(Generic[E]):
         if self._draining:
             raise ShuttingDownError("the model pool is shutting down and takes no new requests")
         self._check_budget(entry)
-        if entry.supervisor.phase is Phase.FAILED:
-            raise entry.supervisor.failure()
+        if entry.replicas.phase is Phase.FAILED:
+            raise entry.replicas.failure()
         await self._admit(entry)
         try:
-            model = await self._ready(entry)
+            replica, model = await self._ready(entry)
             entry.using += 1
+            replica.using += 1
             entry.touch()
             started = anyio.current_time()
             try:
                 yield model
             finally:
                 entry.using -= 1
+                replica.using -= 1
+                replica.last_used = anyio.current_time()
+                entry.replicas.notify()
                 entry.touch()
                 seconds = anyio.current_time() - started
                 entry.avg_seconds = seconds if entry.avg_seconds is None else 0.8 * entry.avg_seconds + 0.2 * seconds
@@ -620,9 +724,9 @@ class ModelPool(Generic[E]):
 
     def _check_budget(self, entry: _Entry) -> None:
         budget = self.config.memory_budget
-        if budget is not None and entry.memory > budget:
+        if budget is not None and entry.memory_held > budget:
             raise ModelUnavailableError(
-                f"model {entry.name!r} needs about {_size(entry.memory)}, more than the whole memory budget"
+                f"model {entry.name!r} needs about {_size(entry.memory_held)}, more than the whole memory budget"
                 f" of {_size(budget)}"
             )
 
@@ -677,14 +781,14 @@ class ModelPool(Generic[E]):
             self._reserved.append(entry)
         self._notify()
 
-    async def _ready(self, entry: _Entry) -> E:
-        """Return the model of ``entry``, loading it (after making room) when needed.
+    async def _ready(self, entry: _Entry) -> tuple[Replica[E], E]:
+        """Return a serving replica of ``entry`` and its endpoint, loading it (after making room) when needed.
 
         Waits only for things that end on their own: a load in progress, an
         unload in progress, or another load making room, which in turn waits
         only for requests that use (or wait for) models that are loaded.
         """
-        sup = entry.supervisor
+        sup = entry.replicas
         while True:
             self._check_open()
             if sup.phase is Phase.FAILED:
@@ -694,8 +798,8 @@ class ModelPool(Generic[E]):
                 continue
             if sup.active:
                 try:
-                    model: E = await sup.ready()
-                    return model
+                    ready: tuple[Replica[E], E] = await sup.ready()
+                    return ready
                 except _Unloaded:
                     continue  # unloaded under us: load it again
             if self._room_holder is not None:
@@ -726,7 +830,7 @@ class ModelPool(Generic[E]):
         if len(others) + 1 > self.config.max_loaded_models:
             return False
         budget = self.config.memory_budget
-        return budget is None or sum(e.memory for e in others) + entry.memory <= budget
+        return budget is None or sum(e.memory_held for e in others) + entry.memory_held <= budget
 
     async def _make_room(self, entry: _Entry) -> None:
         """Unload least recently used idle models until ``entry`` fits; wait while all are busy."""
@@ -763,7 +867,7 @@ class ModelPool(Generic[E]):
         """Stop an entry already marked ``evicting`` (shielded), then clear the mark."""
         _log.info("unloading model %s: %s", entry.name, reason)
         try:
-            await entry.supervisor.stop()
+            await entry.replicas.stop()
             await self._give_back(entry)
         finally:
             entry.evicting = False
@@ -785,8 +889,8 @@ class ModelPool(Generic[E]):
         self._check_budget(entry)
         entry.pins += 1
         try:
-            if entry.supervisor.phase is Phase.FAILED:
-                await entry.supervisor.stop()  # back to Pending, restart history cleared
+            if entry.replicas.phase is Phase.FAILED:
+                await entry.replicas.stop()  # back to Pending, restart history cleared
             await self._ready(entry)
         finally:
             entry.pins -= 1
@@ -828,12 +932,125 @@ class ModelPool(Generic[E]):
             return True
         return False
 
+    # -- applying a new config -------------------------------------------------------------------
+
+    async def apply(self, config: ServeConfig, *, dry_run: bool = False) -> list[Change]:
+        """Serve ``config`` from now on, without a restart: what changes, as :class:`Change` items.
+
+        New models are added (not loaded: they load on first use, or now when
+        in ``preload``); changed ones roll their replicas one at a time (see
+        :class:`ReplicaSet`; a change of ``replicas`` alone adds or removes
+        replicas); removed ones take no new request (``model_not_found``),
+        finish what was admitted and stop. The pool's own settings (sizes,
+        timeouts, priorities) take effect at once, its restart policy for the
+        replicas started from then on; a change to
+        a setting fixed at start-up (``api_keys``, the HTTP limits, the
+        ledger) is listed with ``action="restart_required"`` and not applied.
+        ``dry_run``: only say what would change. Returns once every change is
+        done; a rolling update that was rolled back is listed with
+        ``action="rolled_back"``. One apply runs at a time.
+        """
+        self._check_open()
+        if self._draining:
+            raise ShuttingDownError("the model pool is shutting down and takes no new config")
+        async with self._applying:
+            changes = _diff(self.config, config)
+            if dry_run or not changes:
+                return changes
+            fixed = {c.setting for c in changes if c.action == "restart_required"}
+            kept = {key: getattr(self.config, key) for key in fixed if key is not None}
+            old_config, self.config = self.config, config.model_copy(update=kept)
+            results: list[Change] = [c for c in changes if c.model is None]
+            async with anyio.create_task_group() as tg:
+                for change in changes:
+                    if change.model is None:
+                        continue
+                    if change.action == "add":
+                        await self._add_model(change.model, config.models[change.model])
+                        results.append(change)
+                    elif change.action == "remove":
+                        tg.start_soon(self._remove_model, change.model)
+                        results.append(change)
+                    else:
+                        tg.start_soon(self._update_model, change, config.models[change.model], results)
+            for name in config.preload:
+                if name not in old_config.models and self._tg is not None:
+                    self._tg.start_soon(self._preload, [name], name="llamaproc-preload")
+            order = {name: i for i, name in enumerate([*config.models, *old_config.models])}
+            return sorted(results, key=lambda c: (c.model is not None, order.get(c.model or "", 0)))
+
+    async def _add_model(self, name: str, model_config: ModelConfig) -> None:
+        entry = self._new_entry(name, model_config)
+        await self._estimate(entry)
+        self._entries[name] = entry
+        assert self._tg is not None
+        await self._tg.start(self._run_entry, entry, name=f"llamaproc-replicas-{name}")
+        _log.info("model %s added", name)
+        self._notify()
+
+    async def _remove_model(self, name: str) -> None:
+        entry = self._entries[name]
+        entry.removing = True
+        self._notify()
+        try:
+            await self._wait_for(lambda: entry.in_flight == 0 and not entry.queue and not entry.evicting)
+        except ShuttingDownError:
+            return  # close() stops it
+        entry.evicting = True
+        await self._unload_entry(entry, reason="removed from the config")
+        if entry.scope is not None:
+            entry.scope.cancel()
+        if self._entries.get(name) is entry:
+            del self._entries[name]
+        _log.info("model %s removed", name)
+        self._notify()
+
+    async def _update_model(self, change: Change, model_config: ModelConfig, results: list[Change]) -> None:
+        entry = self._entries[change.model or ""]
+        entry.config = model_config
+        await self._estimate(entry)
+
+        async def room_for(count: int) -> bool:
+            budget = self.config.memory_budget
+            others = sum(e.memory_held for e in self._entries.values() if e is not entry and (e.active or e.evicting))
+            if budget is not None and others + entry.memory * count > budget:
+                return False
+            if entry.lease is None:
+                return True
+            try:
+                return await entry.lease.resize(entry.lease_memory * count)
+            except LlamaprocError:
+                return False
+
+        async def resized(count: int) -> None:
+            if entry.lease is not None and count > 0:
+                with contextlib.suppress(LlamaprocError):
+                    await entry.lease.resize(entry.lease_memory * count)
+
+        try:
+            await entry.replicas.update(model_config, room_for_one_more=room_for, resized=resized)
+        except RolloutError as exc:
+            entry.config = entry.replicas.config
+            self.config = self.config.model_copy(
+                update={"models": {**self.config.models, entry.name: entry.replicas.config}}
+            )
+            await self._estimate(entry)
+            results.append(Change(entry.name, "rolled_back", str(exc)))
+            return
+        finally:
+            self._notify()
+        results.append(change)
+
     # -- background tasks -----------------------------------------------------------------------
 
-    async def _reap_idle(self, idle_timeout: float) -> None:
-        interval = max(0.05, min(idle_timeout / 4, 1.0))
+    async def _reap_idle(self) -> None:
+        """Unload models idle for ``idle_timeout`` (read at each look: :meth:`apply` may change it)."""
         while True:
-            await anyio.sleep(interval)
+            idle_timeout = self.config.idle_timeout
+            await anyio.sleep(1.0 if idle_timeout is None else max(0.05, min(idle_timeout / 4, 1.0)))
+            idle_timeout = self.config.idle_timeout
+            if idle_timeout is None:
+                continue
             now = anyio.current_time()
             for entry in list(self._entries.values()):
                 if entry.evictable and now - entry.last_used_mono >= idle_timeout:
@@ -870,8 +1087,8 @@ def _lease_status(lease: Lease | None) -> LeaseStatus | None:
     )  # fmt: skip
 
 
-def _failed(supervisor: Supervisor[Any]) -> bool:
-    return supervisor.phase is Phase.FAILED
+def _failed(replicas: ReplicaSet[Any]) -> bool:
+    return replicas.phase is Phase.FAILED
 
 
 def _size(n: int) -> str:

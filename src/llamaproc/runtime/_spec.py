@@ -96,7 +96,11 @@ _ROLE_FIELDS = ("replicas", "local_workers", "workers")
 #: ModelConfig fields spelled in ``spec.resources``.
 _RESOURCE_FIELDS = ("priority", "device")
 #: ModelConfig fields spelled at the level of ``spec``.
-_SPEC_FIELDS = {"recovery_policy": "recoveryPolicy", "restart_grace_period": "restartGracePeriodSeconds"}
+_SPEC_FIELDS = {
+    "recovery_policy": "recoveryPolicy",
+    "restart_grace_period": "restartGracePeriodSeconds",
+    "progress_deadline": "progressDeadlineSeconds",
+}
 #: ``spec.model``'s keys: camelCase → ModelConfig field.
 _MODEL_KEYS = {
     to_camel(f): f
@@ -208,6 +212,7 @@ class _ModelServingSpec(BaseModel):
     roles: _Roles = Field(default_factory=lambda: _Roles(server=_Server()))
     recoveryPolicy: Any = None
     restartGracePeriodSeconds: Any = None
+    progressDeadlineSeconds: Any = None
     resources: Resources = Field(default_factory=Resources)
 
 

@@ -34,7 +34,6 @@ loading at once), or call :meth:`Supervisor.run` in a task group of your own
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import math
 from collections.abc import Callable
@@ -45,7 +44,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-from pydantic import BaseModel
 from typing_extensions import TypeVar
 
 from ..errors import InvalidArgumentError, LlamaprocError, ModelUnavailableError, ShuttingDownError, UsageError
@@ -53,8 +51,9 @@ from ..model import TextModel, load_model
 from ..types import Shard
 from ._config import ModelConfig
 from ._endpoint import Endpoint, Loader
+from ._status import Condition, Phase
 
-__all__ = ["Condition", "LayerRange", "ModelStatus", "Phase", "ShardStatus", "Supervisor"]
+__all__ = ["E", "Supervisor", "backoff_delay"]
 
 _log = logging.getLogger("llamaproc.supervisor")
 
@@ -63,79 +62,6 @@ _RETIRE_DELAY = 1.0
 
 #: The kind of endpoint a supervisor (and a pool) hands out: a TextModel unless its loader makes another.
 E = TypeVar("E", bound=Endpoint, default=TextModel)
-
-
-class Phase(enum.StrEnum):
-    """Where a supervised model is in its life."""
-
-    PENDING = "Pending"  #: not loaded, nobody asked for it
-    LOADING = "Loading"  #: starting, or waiting out a restart backoff
-    SERVING = "Serving"  #: healthy and taking requests
-    FAILED = "Failed"  #: gave up after too many restarts; stays so until loaded or unloaded explicitly
-
-
-class Condition(BaseModel):
-    """One observed aspect of a model, in the style of Kubernetes conditions.
-
-    ``last_transition_time`` changes only when ``status`` changes; ``reason``
-    and ``message`` follow the latest observation.
-    """
-
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str
-    message: str
-    last_transition_time: datetime
-
-
-class LayerRange(BaseModel):
-    """A range of layers: ``start`` included, ``stop`` excluded."""
-
-    start: int
-    stop: int
-
-
-class ShardStatus(BaseModel):
-    """One worker of a sharded model and the layers it holds."""
-
-    address: str
-    layers: LayerRange
-
-
-class LeaseStatus(BaseModel):
-    """The memory lease a model holds in the daemon's ledger."""
-
-    id: str
-    token: int  #: the fencing number of the grant (it only grows)
-    device: str
-    memory: int  #: bytes
-    priority: str
-    preempt_requested: bool  #: a waiter of higher priority asked for it: the model is unloading
-
-
-class ModelStatus(BaseModel):
-    """The state of one configured model, as reported by ``ModelPool.status()``.
-
-    ``layout`` and ``lost_workers`` are those of a sharded model (``None`` for
-    one that is not; empty while it is not loaded). ``lease`` is the memory
-    lease it holds while loaded, with a ledger (``None`` otherwise).
-    """
-
-    name: str
-    phase: Phase
-    conditions: list[Condition]
-    loaded: bool
-    pid: int | None
-    port: int | None
-    in_flight: int
-    queued: int
-    parallel: int
-    last_used: datetime | None
-    restarts: int
-    memory_estimate: int
-    lease: LeaseStatus | None = None
-    layout: list[ShardStatus] | None = None
-    lost_workers: list[str] | None = None
 
 
 #: Condition types a supervisor keeps, in this order (a sharded model's supervisor adds ``Degraded``).
@@ -209,6 +135,7 @@ class Supervisor(Generic[E]):
         self._retry_at: float | None = None
         #: True while backing off after a failed load (not after a crash).
         self._load_backoff = False
+        self._stopping = 0
         self._running = False
         self._closed = False
         self._cycle_scope: anyio.CancelScope | None = None
@@ -265,6 +192,20 @@ class Supervisor(Generic[E]):
         model = self.model
         lost = getattr(model, "lost_workers", None) if model is not None else None
         return [str(a) for a in lost] if isinstance(lost, list) else []
+
+    @property
+    def stopping(self) -> bool:
+        """True while :meth:`stop` waits for the child to be gone."""
+        return self._stopping > 0
+
+    @property
+    def backing_off(self) -> bool:
+        """True while it waits to retry a load that failed (:meth:`ready` then fails at once)."""
+        return self._load_backoff
+
+    async def changed(self) -> None:
+        """Return at its next change of state (phase, model, conditions)."""
+        await self._event().wait()
 
     @property
     def wanted(self) -> bool:
@@ -363,28 +304,35 @@ class Supervisor(Generic[E]):
         """
         with anyio.CancelScope(shield=True):
             self._want = False
-            was = self._phase
-            if was is Phase.FAILED:
-                self._restart_times.clear()
-            if was is not Phase.PENDING or self._model is not None:
-                # Not Serving any more from this moment: nothing new may be sent to the child.
-                self._phase = Phase.PENDING
-                self._load_backoff = False
-                self._condition("Ready", "False", "Unloading", "unloading")
-                self._notify()
-            scope = self._cycle_scope
-            if scope is not None:
-                scope.cancel()
-                while self._cycle_scope is scope:
-                    await self._event().wait()
-            await self._close_model()
-            if was is not Phase.PENDING or self._phase is not Phase.PENDING:
-                self._phase = Phase.PENDING
-                self._condition("Loaded", "False", "Unloaded", "unloaded")
-                self._condition("Ready", "False", "Unloaded", "unloaded")
-                self._condition("Failed", "False", "Unloaded", "unloaded")
-                self._notify("stopped")
+            self._stopping += 1
+            try:
+                await self._stop()
+            finally:
+                self._stopping -= 1
+
+    async def _stop(self) -> None:
+        was = self._phase
+        if was is Phase.FAILED:
+            self._restart_times.clear()
+        if was is not Phase.PENDING or self._model is not None:
+            # Not Serving any more from this moment: nothing new may be sent to the child.
+            self._phase = Phase.PENDING
+            self._load_backoff = False
+            self._condition("Ready", "False", "Unloading", "unloading")
             self._notify()
+        scope = self._cycle_scope
+        if scope is not None:
+            scope.cancel()
+            while self._cycle_scope is scope:
+                await self._event().wait()
+        await self._close_model()
+        if was is not Phase.PENDING or self._phase is not Phase.PENDING:
+            self._phase = Phase.PENDING
+            self._condition("Loaded", "False", "Unloaded", "unloaded")
+            self._condition("Ready", "False", "Unloaded", "unloaded")
+            self._condition("Failed", "False", "Unloaded", "unloaded")
+            self._notify("stopped")
+        self._notify()
 
     async def ready(self) -> E:
         """Wait until the model serves and return it.

@@ -46,12 +46,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import uvicorn
+from pydantic import SecretStr
 
 from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocError
 from ..ledger import Ledger, open_ledger
 from ..process import probe_worker
-from ..runtime import PidLock, ServeConfig, load_config, parse_api_keys
+from ..runtime import Change, PidLock, ServeConfig, load_config, load_spec_data, parse_api_keys
 from ._app import create_app, redacted
 from ._limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from ._metrics import ServeMetrics
@@ -64,6 +66,7 @@ from ._workers import JobLog, WorkerRegistry
 if TYPE_CHECKING:
     from ..runtime import ModelPool
     from ._socket import ActiveRequests
+    from ._socket import Applier as Applier_
 
 __all__ = ["DaemonInfo", "cmd_serve", "default_state_dir", "run_daemon"]
 
@@ -178,8 +181,16 @@ async def run_daemon(
     state_dir: str | os.PathLike[str] | None = None,
     ready: Callable[[DaemonInfo], None] | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    config_path: str | os.PathLike[str] | None = None,
+    watch: bool = False,
+    extra_keys: tuple[SecretStr, ...] = (),
 ) -> None:
     """Serve ``config``'s models until SIGTERM or SIGINT, then shut down gracefully.
+
+    ``config_path`` is the file ``config`` was read from: SIGHUP reads and
+    applies it again (as ``llamaproc apply FILE`` would), and so does a change
+    of the file when ``watch`` is set. ``extra_keys`` (the
+    ``LLAMAPROC_API_KEYS`` ones) join the keys of every config applied.
 
     ``socket_path`` defaults to ``STATE_DIR/serve.sock`` and ``state_dir`` to
     ``~/.llamaproc``; both are made absolute. ``ready`` is called with the
@@ -198,7 +209,7 @@ async def run_daemon(
     if not sock_path.parent.is_dir():
         raise ListenError(f"socket {sock_path}", f"the directory {sock_path.parent} does not exist")
     with contextlib.ExitStack() as stack:
-        signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
+        signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         stack.enter_context(PidLock(directory / PID_FILE))
         listener = stack.enter_context(_bind(host, port))
         url = _url(listener)
@@ -264,7 +275,13 @@ async def run_daemon(
                 shards_scope = anyio.CancelScope()
                 tg.start_soon(_run_in, shards_scope, shards.run)
                 socket_scope = anyio.CancelScope()
-                socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics, socket_requests, client, jobs)
+                applier = Applier(pool, tg, extra_keys=extra_keys, path=config_path)
+                socket_url = await _start_socket(
+                    tg, socket_scope, pool, sock_path, metrics, socket_requests, client, jobs, applier.apply_documents
+                )
+                watch_scope = anyio.CancelScope()
+                if watch and config_path is not None:
+                    tg.start_soon(_run_in, watch_scope, applier.watch)
                 served = anyio.Event()
 
                 async def serve_http() -> None:
@@ -294,9 +311,13 @@ async def run_daemon(
                     ready(info)
 
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        applier.reload_soon("SIGHUP")
+                        continue
                     _log.info("llamaproc serve: %s received, draining", signal.Signals(signum).name)
                     break
-                if not await _drain(pool, config.drain_timeout, signals):
+                watch_scope.cancel()
+                if not await _drain(pool, pool.config.drain_timeout, signals):
                     # Stop the models now, while the servers still run: what waits gets a
                     # shutting_down error and what streams ends with an error event.
                     _log.info("llamaproc serve: stopping models and the requests still using them")
@@ -322,6 +343,100 @@ async def _open_ledger(config: ServeConfig) -> AsyncIterator[Ledger | None]:
     async with await open_ledger(config.ledger, capacity=capacity) as ledger:
         _log.info("llamaproc serve: memory ledger %s", redacted(config.ledger))
         yield ledger
+
+
+class Applier:
+    """Applies new configs to the daemon's pool: from ``llamaproc apply`` (the socket), SIGHUP, or a watched file.
+
+    An apply runs in the daemon's task group, not in the task of whoever asked
+    for it: a client that goes away does not cut a rolling update short. The
+    pool runs one apply at a time; the others wait their turn.
+    """
+
+    #: How often a watched config file is looked at (seconds).
+    WATCH_INTERVAL = 1.0
+
+    def __init__(
+        self, pool: ModelPool, tg: anyio.abc.TaskGroup, *, extra_keys: tuple[SecretStr, ...],
+        path: str | os.PathLike[str] | None,
+    ) -> None:  # fmt: skip
+        self.pool = pool
+        self.tg = tg
+        self.extra_keys = extra_keys
+        self.path = path
+
+    async def apply(self, config: ServeConfig, dry_run: bool) -> list[Change]:
+        if self.extra_keys:
+            config = config.model_copy(update={"api_keys": config.api_keys + self.extra_keys})
+        if dry_run:
+            return await self.pool.apply(config, dry_run=True)
+        done = anyio.Event()
+        outcome: list[Any] = []
+
+        async def run() -> None:
+            try:
+                outcome.append(await self.pool.apply(config))
+            except LlamaprocError as exc:
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        self.tg.start_soon(run, name="llamaproc-apply")
+        await done.wait()
+        if isinstance(outcome[0], LlamaprocError):
+            raise outcome[0]
+        changes: list[Change] = outcome[0]
+        for change in changes:
+            _log.info("llamaproc serve: applied: %s", _describe_change(change))
+        return changes
+
+    async def apply_documents(self, documents: Any, dry_run: bool) -> list[dict[str, Any]]:
+        """The socket's ``apply``: spec documents (paths absolute, as ``llamaproc apply`` sends them)."""
+        config = await anyio.to_thread.run_sync(lambda: load_spec_data({"documents": documents}, path="<apply>",
+                                                                       yaml=False))  # fmt: skip
+        return [change.to_json() for change in await self.apply(config, dry_run)]
+
+    def reload_soon(self, why: str) -> None:
+        """Read the config file again and apply it, in the background (SIGHUP)."""
+        self.tg.start_soon(self.reload, why, name="llamaproc-reload")
+
+    async def reload(self, why: str) -> None:
+        if self.path is None:
+            _log.warning("llamaproc serve: %s: no config file to read again", why)
+            return
+        _log.info("llamaproc serve: %s: reading %s again", why, self.path)
+        try:
+            config = await anyio.to_thread.run_sync(load_config, self.path)
+            changes = await self.apply(config, False)
+        except LlamaprocError as exc:
+            _log.error("llamaproc serve: %s: the config was not applied: %s", why, exc)
+            return
+        if not changes:
+            _log.info("llamaproc serve: %s: nothing changed", why)
+
+    async def watch(self) -> None:
+        """Apply the config file whenever it changes (its size, time or inode), until cancelled."""
+        assert self.path is not None
+        seen = _stamp(self.path)
+        while True:
+            await anyio.sleep(self.WATCH_INTERVAL)
+            now = _stamp(self.path)
+            if now != seen and now is not None:
+                seen = now
+                await self.reload("the config file changed")
+
+
+def _stamp(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _describe_change(change: Change) -> str:
+    what = change.model if change.model is not None else "daemon"
+    return f"{what}: {change.action}: {change.detail}"
 
 
 def _absolute(path: str | os.PathLike[str]) -> Path:
@@ -363,6 +478,7 @@ async def _start_socket(
     active: ActiveRequests,
     client: Upstream,
     jobs: JobLog | None = None,
+    apply: Applier_ | None = None,
 ) -> str:
     """Start the Unix socket server in ``tg``, cancellable through ``scope``; return its path."""
     from ._socket import serve_socket
@@ -377,8 +493,9 @@ async def _start_socket(
                     active=active,
                     client=client,
                     write_timeout=pool.config.write_timeout,
-                    stall_timeout=functools.partial(stall_timeout_of, pool.config),
+                    stall_timeout=lambda name: stall_timeout_of(pool.config, name),
                     jobs=jobs,
+                    apply=apply,
                     task_status=task_status,
                 )
             except OSError as exc:
@@ -416,6 +533,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 port=DEFAULT_PORT if getattr(args, "port", None) is None else args.port,
                 socket_path=getattr(args, "socket", None),
                 state_dir=state_dir,
+                config_path=args.config,
+                watch=bool(getattr(args, "watch", False)),
+                extra_keys=extra_keys,
             ),
             backend="asyncio",
             backend_options={"use_uvloop": _use_uvloop()},

@@ -47,6 +47,7 @@ from ..errors import (
     InvalidArgumentError,
     LlamaprocError,
     QueueFullError,
+    ServerCrashedError,
 )
 from ..model import ShardedModel, resumable_error
 from ..protocol import (
@@ -278,11 +279,17 @@ class _Call:
     async def _admitted(self, path: str, raw: bytes, body: dict[str, Any]) -> None:
         stream = body.get("stream") is True
         try:
-            async with self.state.pool.acquire(self.name) as endpoint:
-                if isinstance(endpoint, ShardedModel):
-                    await self._forward_sharded(endpoint, path, raw, body, stream)
-                else:
-                    await self._forward(endpoint, path, raw, stream)
+            attempts = 0
+            while True:
+                attempts += 1
+                async with self.state.pool.acquire(self.name) as endpoint:
+                    if isinstance(endpoint, ShardedModel):
+                        await self._forward_sharded(endpoint, path, raw, body, stream)
+                        return
+                    # Once: a second replica that dies too is an error like any other.
+                    may_retry = attempts == 1 and len(self.state.pool.replicas(self.name)) > 1
+                    if not await self._forward(endpoint, path, raw, stream, may_retry=may_retry):
+                        return
         except LlamaprocError as exc:
             # Raised by the pool's admission (the forwarders answer their own errors).
             if self.response_started:  # pragma: no cover
@@ -309,19 +316,33 @@ class _Call:
             job.finish("done" if self.status.startswith("2") and not self._failed else "failed", self.tokens)
 
     async def _forward(
-        self, endpoint: Endpoint, path: str, raw: bytes, stream: bool, resume: _Resume | None = None
-    ) -> None:
+        self, endpoint: Endpoint, path: str, raw: bytes, stream: bool, resume: _Resume | None = None,
+        *, may_retry: bool = False,
+    ) -> bool:  # fmt: skip
+        """Send the request to ``endpoint`` and answer the client.
+
+        Returns True instead of answering when ``may_retry`` and the endpoint
+        died before it sent a byte of its answer: the caller sends the
+        request to another replica.
+        """
         client = self.state.client
         try:
             await check_alive(endpoint)
         except LlamaprocError as exc:
+            if may_retry and endpoint.returncode is not None:
+                _log.info("model %r: its replica died before the request was sent; trying another", self.name[:100])
+                return True
             await self._fail(exc)
-            return
+            return False
         try:
             response = await client.post(endpoint.base_url, path, raw, stream=stream, headers=auth_headers(endpoint))
         except UpstreamError as exc:
-            await self._fail(await endpoint.explain(exc))
-            return
+            explained = await endpoint.explain(exc)
+            if may_retry and isinstance(explained, ServerCrashedError) and not self.response_started:
+                _log.info("model %r: its replica died before answering; trying another", self.name[:100])
+                return True
+            await self._fail(explained)
+            return False
         try:
             if not 200 <= response.status < 300:
                 await self._fail(await error_of(response, endpoint.base_url + path))
@@ -330,9 +351,14 @@ class _Call:
             else:
                 await self._relay_whole(endpoint, response)
         except UpstreamError as exc:
-            await self._fail(await endpoint.explain(exc))
+            explained = await endpoint.explain(exc)
+            if may_retry and isinstance(explained, ServerCrashedError) and not self.response_started:
+                _log.info("model %r: its replica died before its answer began; trying another", self.name[:100])
+                return True
+            await self._fail(explained)
         finally:
             response.close()
+        return False
 
     async def _relay_whole(self, endpoint: Endpoint, response: UpstreamResponse) -> None:
         content = await response.read()

@@ -74,7 +74,7 @@ import select
 import socket
 import stat
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -83,10 +83,12 @@ import anyio
 import anyio.abc
 
 from ..errors import (
+    ConfigError,
     InvalidArgumentError,
     ListenError,
     LlamaprocError,
     QueueFullError,
+    ServerCrashedError,
     ShuttingDownError,
 )
 from ..model import ShardedModel, resumable_error
@@ -146,6 +148,10 @@ class _Metrics(Protocol):
     def first_token(self, model: str, seconds: float) -> None: ...
 
 
+#: ``apply(documents, dry_run)``: serve the config of these spec documents; the changes, as JSON objects.
+Applier = Callable[[Any, bool], Awaitable[list[dict[str, Any]]]]
+
+
 class ActiveRequests:
     """The socket requests being handled, across connections, until their last event is written."""
 
@@ -185,6 +191,7 @@ async def serve_socket(
     client: Upstream | None = None,
     stall_timeout: Callable[[str], float | None] | None = None,
     jobs: JobLog | None = None,
+    apply: Applier | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the socket protocol on the Unix socket ``path`` until cancelled.
@@ -212,7 +219,7 @@ async def serve_socket(
     own_client = client is None
     options = _Options(
         pool, metrics, max_line, write_timeout, max_in_flight, active or ActiveRequests(),
-        Upstream() if client is None else client, stall_timeout or _no_stall_timeout, jobs,
+        Upstream() if client is None else client, stall_timeout or _no_stall_timeout, jobs, apply,
     )  # fmt: skip
     try:
         async with anyio.create_task_group() as tg:
@@ -294,6 +301,7 @@ class _Options:
     client: Upstream
     stall_timeout: Callable[[str], float | None]
     jobs: JobLog | None = None
+    apply: Applier | None = None
 
 
 def _no_stall_timeout(model: str) -> None:
@@ -312,7 +320,7 @@ async def _serve_connection(sock: socket.socket, options: _Options) -> None:
 # --- one connection ------------------------------------------------------------------------------
 
 
-_OPS = ("chat", "generate", "embed", "models", "status", "ping", "cancel")
+_OPS = ("chat", "generate", "embed", "models", "status", "ping", "cancel", "apply")
 
 
 class _BadRequest(Exception):
@@ -435,6 +443,9 @@ class _Connection:
         if op == "status":
             await self._send({"id": rid, "event": "result", **_status(self.pool)})
             return
+        if op == "apply":
+            await self._apply(rid, req)
+            return
         if len(self.requests) >= self.options.max_in_flight:
             limit = self.options.max_in_flight
             await self._error(rid, "too_many_requests", f"{limit} requests already in flight on this connection")
@@ -449,6 +460,34 @@ class _Connection:
         self.options.active._started()
         assert self.tg is not None
         self.tg.start_soon(self._run, request)
+
+    async def _apply(self, rid: RequestId, req: Mapping[str, Any]) -> None:
+        """Serve a new config; answered once it is in place (rolling updates take their time).
+
+        The connection keeps serving its other requests meanwhile. The apply
+        itself does not depend on this connection: a client that goes away
+        does not stop it.
+        """
+        apply = self.options.apply
+        if apply is None:
+            await self._error(rid, "not_supported", "this server takes no new config")
+            return
+        documents, dry_run = req.get("documents"), req.get("dry_run", False)
+        if not isinstance(documents, list) or not isinstance(dry_run, bool):
+            await self._error(rid, "bad_request", 'apply needs "documents" (a list of spec documents) and an'
+                              ' optional boolean "dry_run"', "documents")  # fmt: skip
+            return
+
+        async def run() -> None:
+            try:
+                changes = await apply(documents, dry_run)
+            except LlamaprocError as exc:
+                await self._send(_error_event(rid, exc))
+            else:
+                await self._send({"id": rid, "event": "result", "dry_run": dry_run, "changes": changes})
+
+        assert self.tg is not None
+        self.tg.start_soon(run)
 
     async def _cancel(self, rid: RequestId | None, req: Mapping[str, Any]) -> None:
         if "target" in req:
@@ -507,11 +546,21 @@ class _Connection:
 
     async def _generate(self, request: _Request) -> dict[str, Any]:
         rid = request.id
-        async with self.pool.acquire(request.model) as endpoint:
-            if isinstance(endpoint, ShardedModel):
-                result = await self._relay_sharded(request, endpoint)
-            else:
-                result = await self._relay(request, endpoint)
+        attempts = 0
+        while True:
+            attempts += 1
+            async with self.pool.acquire(request.model) as endpoint:
+                if isinstance(endpoint, ShardedModel):
+                    result = await self._relay_sharded(request, endpoint)
+                    break
+                try:
+                    result = await self._relay(request, endpoint)
+                    break
+                except ServerCrashedError:
+                    # A replica that died before its first token: once, to another replica.
+                    if attempts > 1 or request.tokens or len(_replicas(self.pool, request.model)) < 2:
+                        raise
+                    _log.info("model %r: its replica died before answering; trying another", request.model[:100])
         # The model is released before "done" goes out: a client that sees "done"
         # sees the pool's accounting without this request.
         if result.usage.completion_tokens:
@@ -761,6 +810,11 @@ def _parse(rid: RequestId, op: str, req: dict[str, Any]) -> _Request:
         raise _BadRequest("bad_request", str(exc), exc.param) from None
 
 
+def _replicas(pool: _Pool, name: str) -> Sized:
+    replicas = getattr(pool, "replicas", None)
+    return replicas(name) if callable(replicas) else ()
+
+
 def _status(pool: _Pool) -> dict[str, Any]:
     out: dict[str, Any] = {"models": [s.model_dump(mode="json") for s in pool.status()]}
     stats = getattr(pool, "stats", None)
@@ -785,6 +839,8 @@ def _error_event(rid: RequestId, exc: BaseException) -> dict[str, Any]:
         event["param"] = exc.param
     if isinstance(exc, QueueFullError):
         event["retry_after"] = exc.retry_after
+    if isinstance(exc, ConfigError):
+        event["problems"] = list(exc.problems)
     if code == "internal_error":
         _log.error("socket request %r failed", rid, exc_info=exc)
     return event
