@@ -200,3 +200,12 @@ def test_apply_refuses_a_bad_config_and_names_its_problems(tmp_path: Path, tiny_
         missing = apply(daemon, tmp_path / "missing.toml")
         assert missing.returncode == 2 and "not found" in missing.stderr
         assert models(daemon)["a"]["generation"] == 1
+
+
+def test_serve_watch_applies_the_file_when_it_changes(tmp_path: Path, tiny_model: Path) -> None:
+    config = write_config(tmp_path / "serve.toml", {"a": {"path": tiny_model}})
+    with running_daemon_checked(config, tmp_path / "state", extra_args=["--watch"]) as daemon:
+        assert list(models(daemon)) == ["a"]
+        write_config(config, {"a": {"path": tiny_model, "replicas": 2}})
+        until("the file applied", lambda: models(daemon)["a"]["generation"] == 2)
+        assert models(daemon)["a"]["roles"][0]["replicas"] == 2
