@@ -1011,6 +1011,8 @@ class ModelPool(Generic[E]):
         await self._estimate(entry)
 
         async def room_for(count: int) -> bool:
+            if model_config.sharded and model_config.local_workers is None:
+                return False  # its rpc workers serve one llama-server at a time: replaced in place
             budget = self.config.memory_budget
             others = sum(e.memory_held for e in self._entries.values() if e is not entry and (e.active or e.evicting))
             if budget is not None and others + entry.memory * count > budget:
