@@ -52,13 +52,14 @@ from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocErr
 from ..process import probe_worker
 from ..runtime import PidLock, ServeConfig, load_config, parse_api_keys
 from ._app import create_app
+from ._events import EventFeed
 from ._limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from ._metrics import ServeMetrics
 from ._proxy import DEFAULT_MAX_BODY, stall_timeout_of
 from ._security import HttpSecurity
 from ._shards import ShardKeeper
 from ._upstream import Upstream
-from ._workers import JobLog, WorkerRegistry
+from ._workers import JobLog, WorkerEntry, WorkerRegistry
 
 if TYPE_CHECKING:
     from ..runtime import ModelPool
@@ -221,11 +222,22 @@ async def run_daemon(
         workers.probe = functools.partial(probe_worker, timeout=REGISTER_PROBE_TIMEOUT)
         jobs = JobLog()
         metrics.attach_workers(workers)
-        shards = ShardKeeper(workers, metrics)
+        events = EventFeed()
+        shards = ShardKeeper(workers, metrics, events)
         socket_requests = ActiveRequests()
+
+        def model_changed(name: str, event: str) -> None:
+            shards.changed(name, event)
+            events.publish("model", {"model": name, "event": event})
+
+        def worker_changed(entry: WorkerEntry, change: str) -> None:
+            if events.subscribers:
+                events.publish("worker", {"change": change, **workers.describe(entry)})
+
+        workers.on_change = worker_changed
         async with (
             Upstream() as client,
-            ModelPool(config, registered_workers=shards.registered_workers, on_change=shards.changed) as pool,
+            ModelPool(config, registered_workers=shards.registered_workers, on_change=model_changed) as pool,
         ):
             shards.pool = pool
             metrics.attach(pool)
@@ -237,6 +249,7 @@ async def run_daemon(
                 security=security,
                 workers=workers,
                 jobs=jobs,
+                events=events,
             )
             server = _Server(
                 uvicorn.Config(
@@ -259,7 +272,9 @@ async def run_daemon(
                 shards_scope = anyio.CancelScope()
                 tg.start_soon(_run_in, shards_scope, shards.run)
                 socket_scope = anyio.CancelScope()
-                socket_url = await _start_socket(tg, socket_scope, pool, sock_path, metrics, socket_requests, client, jobs)
+                socket_url = await _start_socket(
+                    tg, socket_scope, pool, sock_path, metrics, socket_requests, client, jobs, events
+                )
                 served = anyio.Event()
 
                 async def serve_http() -> None:
@@ -298,6 +313,7 @@ async def run_daemon(
                     await pool.close()
                 with anyio.move_on_after(SOCKET_SHUTDOWN_TIMEOUT):
                     await socket_requests.wait_idle()
+                events.close()  # the /api/events subscriptions end, so that the HTTP server need not wait on them
                 server.should_exit = True
                 socket_scope.cancel()
                 sweeper_scope.cancel()
@@ -346,6 +362,7 @@ async def _start_socket(
     active: ActiveRequests,
     client: Upstream,
     jobs: JobLog | None = None,
+    events: EventFeed | None = None,
 ) -> str:
     """Start the Unix socket server in ``tg``, cancellable through ``scope``; return its path."""
     from ._socket import serve_socket
@@ -362,6 +379,7 @@ async def _start_socket(
                     write_timeout=pool.config.write_timeout,
                     stall_timeout=functools.partial(stall_timeout_of, pool.config),
                     jobs=jobs,
+                    events=events,
                     task_status=task_status,
                 )
             except OSError as exc:
