@@ -92,6 +92,11 @@ OPERATIONS = [
     "DELETE /api/workers/{id}",
     "GET /api/jobs",
     "GET /api/leases",
+    "GET /api/events",
+    "GET /ui",
+    "GET /ui/dashboard.js",
+    "POST /ui/login",
+    "POST /ui/logout",
     "GET /health",
     "GET /metrics",
 ]
@@ -229,7 +234,11 @@ def _with_worker(daemon: Daemon, case: schemathesis.Case, address: str) -> None:
             case.path_parameters["id"] = worker_id
 
 
-@pytest.mark.parametrize("label", OPERATIONS)
+#: Documented but not fuzzed: the event feed answers a stream that never ends (tests/integration/test_daemon_events.py).
+NOT_FUZZED = ("GET /api/events",)
+
+
+@pytest.mark.parametrize("label", [label for label in OPERATIONS if label not in NOT_FUZZED])
 def test_fuzz_http(daemon: Daemon, api: schemathesis.BaseSchema, label: str, rpc_worker: str) -> None:
     method, path = label.split(" ")
     operation = api[path][method]
@@ -251,7 +260,8 @@ def test_fuzz_http(daemon: Daemon, api: schemathesis.BaseSchema, label: str, rpc
                 case.path_parameters["name"] = name
             if path.startswith("/api/workers/"):
                 _with_worker(daemon, case, rpc_worker)
-        response = case.call(base_url=daemon.http, timeout=TIMEOUT)  # the whole body, streamed or not
+        # The whole body, streamed or not; a redirect (the login's 303) is an answer of its own.
+        response = case.call(base_url=daemon.http, timeout=TIMEOUT, allow_redirects=False)
         statuses[response.status_code] += 1
         case.validate_response(
             response,
@@ -275,7 +285,7 @@ def test_fuzz_http(daemon: Daemon, api: schemathesis.BaseSchema, label: str, rpc
             raise
 
     fuzz()
-    assert any(200 <= status < 300 for status in statuses), statuses  # the fuzzing reached the models
+    assert any(200 <= status < 400 for status in statuses), statuses  # the fuzzing reached the models
     assert daemon.returncode is None, daemon.stderr()
     _assert_log_clean(daemon)
 

@@ -103,6 +103,8 @@ ERROR_CODES: dict[str, ErrorCode] = {
         ErrorCode("too_many_connections", 503, _SERVER,
                   "the daemon has `max_connections` HTTP connections open; refused before reading", "http",
                   retry=True),
+        ErrorCode("too_many_subscribers", 503, _SERVER,
+                  "`GET /api/events` has as many subscribers as it takes (32)", "http", retry=True),
         ErrorCode("too_many_workers", 503, _SERVER,
                   "the daemon's registry of rpc workers is full (none of them lost)", "http", retry=True),
         ErrorCode("upstream_timeout", 504, _SERVER,

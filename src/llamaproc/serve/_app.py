@@ -1,5 +1,5 @@
 """The ASGI app of ``llamaproc serve``: the proxied OpenAI routes, the listing and management routes,
-the rpc worker registry's routes and the job log."""
+the rpc worker registry's routes, the job log, and the dashboard (its event feed, page and login)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import LlamaprocError, WorkerError
 from ..protocol import OPENAI_REQUIRED, error_code, error_message, error_status
+from ._dashboard import EventsRoute, dashboard_routes
+from ._events import EventFeed
 from ._metrics import CONTENT_TYPE, ServeMetrics
 from ._openapi import openapi_bytes
 from ._proxy import DEFAULT_MAX_BODY, ProxyRoute, ProxyState, error_response, retry_headers
@@ -60,21 +62,28 @@ def create_app(
     workers: WorkerRegistry | None = None,
     jobs: JobLog | None = None,
     ledger: Ledger | None = None,
+    events: EventFeed | None = None,
 ) -> ASGIApp:
     """The ASGI app of the daemon, serving ``pool``.
 
     ``client`` reaches the llama-server children; the caller owns and closes it.
     ``security`` checks every request first (default: no API key, loopback
     ``Host`` names only, no cross-origin browser requests). ``workers`` and
-    ``jobs`` are served by ``/api/workers`` and ``/api/jobs`` (default: empty
-    ones of the app's own). ``ledger`` is the pool's memory ledger, listed by
-    ``/api/leases``.
+    ``jobs`` are served by ``/api/workers`` and ``/api/jobs``, ``events`` by
+    ``/api/events`` (default: empty ones of the app's own; the relayed streams
+    publish their tokens to ``events``). ``ledger`` is the pool's memory
+    ledger, listed by ``/api/leases``.
     """
     if metrics is None:
         metrics = ServeMetrics(pool)
     registry = workers if workers is not None else WorkerRegistry()
     job_log = jobs if jobs is not None else JobLog()
-    state = ProxyState(pool, client, metrics, max_body, write_timeout=pool.config.write_timeout, jobs=job_log)
+    feed = events if events is not None else EventFeed()
+    metrics.attach_events(feed)
+    security = security if security is not None else HttpSecurity()
+    write_timeout = pool.config.write_timeout
+    state = ProxyState(pool, client, metrics, max_body, write_timeout=write_timeout, jobs=job_log, events=feed)
+    events_route = EventsRoute(feed, write_timeout=write_timeout)
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_object(n, state.created) for n in pool.names()]})
@@ -200,9 +209,10 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *dashboard_routes(events_route, security),
     ]
     starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-    return _App(starlette, hot, security if security is not None else HttpSecurity())
+    return _App(starlette, hot, security, {"/api/events": events_route})
 
 
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -241,16 +251,24 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
 
 class _App:
     """The daemon's ASGI app: every request passes the security gate (``Host``, ``Origin``, API key),
-    then the proxied ``POST`` routes go straight to their endpoint, everything else through Starlette
-    (routing, error pages). The proxy answers its own errors, so Starlette's middleware has nothing
-    to add on the path every token request takes."""
+    then the proxied ``POST`` routes and the ``GET`` of the event feed go straight to their endpoint,
+    everything else through Starlette (routing, error pages). The proxy answers its own errors, so
+    Starlette's middleware has nothing to add on the path every token request takes; the event feed
+    needs the server's own ``send`` (to reach its connection's socket)."""
 
-    __slots__ = ("hot", "security", "starlette")
+    __slots__ = ("feeds", "hot", "security", "starlette")
 
-    def __init__(self, starlette: Starlette, hot: dict[str, ProxyRoute], security: HttpSecurity) -> None:
+    def __init__(
+        self,
+        starlette: Starlette,
+        hot: dict[str, ProxyRoute],
+        security: HttpSecurity,
+        feeds: dict[str, EventsRoute] | None = None,
+    ) -> None:
         self.starlette = starlette
         self.hot = hot
         self.security = security
+        self.feeds = feeds or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -260,9 +278,15 @@ class _App:
                     await verdict.answer(send)
                     return
                 send = verdict.wrap(send)
-            if scope["method"] == "POST":
+            method = scope["method"]
+            if method == "POST":
                 endpoint = self.hot.get(scope["path"])
                 if endpoint is not None:
                     await endpoint(scope, receive, send)
+                    return
+            elif method == "GET":
+                feed = self.feeds.get(scope["path"])
+                if feed is not None:
+                    await feed(scope, receive, send)
                     return
         await self.starlette(scope, receive, send)

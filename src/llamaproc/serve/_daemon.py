@@ -55,13 +55,14 @@ from ..ledger import Ledger, open_ledger
 from ..process import probe_worker
 from ..runtime import Change, PidLock, ServeConfig, load_config, load_spec_data, parse_api_keys
 from ._app import create_app, redacted
+from ._events import EventFeed
 from ._limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from ._metrics import ServeMetrics
 from ._proxy import DEFAULT_MAX_BODY, stall_timeout_of
 from ._security import HttpSecurity
 from ._shards import ShardKeeper
 from ._upstream import Upstream
-from ._workers import JobLog, WorkerRegistry
+from ._workers import JobLog, WorkerEntry, WorkerRegistry
 
 if TYPE_CHECKING:
     from ..runtime import ModelPool
@@ -233,13 +234,24 @@ async def run_daemon(
         workers.probe = functools.partial(probe_worker, timeout=REGISTER_PROBE_TIMEOUT)
         jobs = JobLog()
         metrics.attach_workers(workers)
-        shards = ShardKeeper(workers, metrics)
+        events = EventFeed()
+        shards = ShardKeeper(workers, metrics, events)
         socket_requests = ActiveRequests()
+
+        def model_changed(name: str, event: str) -> None:
+            shards.changed(name, event)
+            events.publish("model", {"model": name, "event": event})
+
+        def worker_changed(entry: WorkerEntry, change: str) -> None:
+            if events.subscribers:
+                events.publish("worker", {"change": change, **workers.describe(entry)})
+
+        workers.on_change = worker_changed
         async with (
             Upstream() as client,
             _open_ledger(config) as ledger,
             ModelPool(
-                config, registered_workers=shards.registered_workers, on_change=shards.changed, ledger=ledger
+                config, registered_workers=shards.registered_workers, on_change=model_changed, ledger=ledger
             ) as pool,
         ):
             shards.pool = pool
@@ -253,6 +265,7 @@ async def run_daemon(
                 workers=workers,
                 jobs=jobs,
                 ledger=ledger,
+                events=events,
             )
             server = _Server(
                 uvicorn.Config(
@@ -277,8 +290,9 @@ async def run_daemon(
                 socket_scope = anyio.CancelScope()
                 applier = Applier(pool, tg, extra_keys=extra_keys, path=config_path)
                 socket_url = await _start_socket(
-                    tg, socket_scope, pool, sock_path, metrics, socket_requests, client, jobs, applier.apply_documents
-                )
+                    tg, socket_scope, pool, sock_path, metrics, socket_requests, client, jobs, events,
+                    applier.apply_documents,
+                )  # fmt: skip
                 watch_scope = anyio.CancelScope()
                 if watch and config_path is not None:
                     tg.start_soon(_run_in, watch_scope, applier.watch)
@@ -324,6 +338,7 @@ async def run_daemon(
                     await pool.close()
                 with anyio.move_on_after(SOCKET_SHUTDOWN_TIMEOUT):
                     await socket_requests.wait_idle()
+                events.close()  # the /api/events subscriptions end, so that the HTTP server need not wait on them
                 server.should_exit = True
                 socket_scope.cancel()
                 sweeper_scope.cancel()
@@ -478,6 +493,7 @@ async def _start_socket(
     active: ActiveRequests,
     client: Upstream,
     jobs: JobLog | None = None,
+    events: EventFeed | None = None,
     apply: Applier_ | None = None,
 ) -> str:
     """Start the Unix socket server in ``tg``, cancellable through ``scope``; return its path."""
@@ -495,6 +511,7 @@ async def _start_socket(
                     write_timeout=pool.config.write_timeout,
                     stall_timeout=lambda name: stall_timeout_of(pool.config, name),
                     jobs=jobs,
+                    events=events,
                     apply=apply,
                     task_status=task_status,
                 )

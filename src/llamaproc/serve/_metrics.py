@@ -6,7 +6,8 @@ histograms are updated by the HTTP and socket front ends; the pool's state
 (queue depth, in flight, loaded models, loads, evictions, restarts) is read
 from the pool at scrape time, so it can never drift from the truth. So are
 the rpc workers' gauges, from the :class:`~._workers.WorkerRegistry`: a worker
-the registry forgets leaves no series behind.
+the registry forgets leaves no series behind. So are the event feed's
+subscribers and the events slow subscribers lost.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ._workers import STATES
 
 if TYPE_CHECKING:
     from ..runtime import ModelPool
+    from ._events import EventFeed
     from ._workers import WorkerRegistry
 
 __all__ = ["CONTENT_TYPE", "ServeMetrics"]
@@ -97,8 +99,10 @@ class ServeMetrics:
             registry=self.registry,
         )
         self._workers: WorkerRegistry | None = None
+        self._events: EventFeed | None = None
         self.registry.register(_PoolCollector(self))
         self.registry.register(_WorkerCollector(self))
+        self.registry.register(_EventCollector(self))
         if pool is not None:
             self.attach(pool)
 
@@ -110,6 +114,10 @@ class ServeMetrics:
     def attach_workers(self, workers: WorkerRegistry) -> None:
         """Read the rpc workers' gauges from ``workers`` at every scrape from now on."""
         self._workers = workers
+
+    def attach_events(self, events: EventFeed) -> None:
+        """Read the event feed's subscribers and losses from ``events`` at every scrape from now on."""
+        self._events = events
 
     def record_reshard(self, model: str, reshard: Reshard | Mapping[str, Any]) -> None:
         """Count a reshard of ``model``: a new coordinator over the workers left (a :class:`Reshard` or its JSON)."""
@@ -244,3 +252,26 @@ class _WorkerCollector(Collector):
                 state.add_metric([entry.address, each], 1 if now == each else 0)
         yield layers
         yield state
+
+
+class _EventCollector(Collector):
+    """The event feed's subscribers and the events slow subscribers lost, read at scrape time."""
+
+    def __init__(self, metrics: ServeMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        events = self._metrics._events
+        if events is None:
+            return
+        yield GaugeMetricFamily(
+            "llamaproc_event_subscribers", "Clients following GET /api/events.", value=len(events.subscribers)
+        )
+        yield CounterMetricFamily(
+            "llamaproc_events_dropped",
+            "Events of GET /api/events that slow subscribers lost (each was told how many).",
+            value=events.dropped,
+        )

@@ -389,6 +389,107 @@ def _worker_paths() -> dict[str, Any]:
     }
 
 
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _text(media_type: str) -> dict[str, Any]:
+    return {media_type: {"schema": {"type": "string"}}}
+
+
+_SEE_UI: dict[str, Any] = {
+    "description": "See `/ui`: the browser shows the page again.",
+    "headers": {"Location": {"description": "`/ui`.", "required": True, "schema": {"type": "string"}}},
+}
+
+
+def _dashboard_paths() -> dict[str, Any]:
+    login_form = {
+        "type": "object",
+        "required": ["key"],
+        "properties": {"key": {"type": "string", "minLength": 1, "description": "One of the daemon's API keys."}},
+    }
+    cookie = {
+        "description": "The session: `llamaproc_session=TOKEN; HttpOnly; SameSite=Strict; Path=/` (when the daemon "
+        "has API keys).",
+        "required": False,
+        "schema": {"type": "string"},
+    }
+    return {
+        "/api/events": {
+            "get": {
+                "summary": "What happens in the daemon, live",
+                "description": "Server-sent events, as they happen: `model` (a model's state changed: `{model, "
+                "event}`), `worker` (an rpc worker was registered, assigned, released, lost or removed: `{change, "
+                "...}` with the worker), `reshard` (a sharded model recovered from lost workers), `token` (a token "
+                "of a relayed stream: `{model, request, text, layout}`, `layout` naming the worker layout of a "
+                "sharded model, else null), `resume` (a stream continued after a reshard) and `end` (a stream "
+                "ended). The first event is `subscribed` (`{buffer}`). Each subscriber's buffer holds `buffer` "
+                "events: one that reads too slowly loses the oldest and then reads `dropped` (`{count}`). The "
+                "feed ends when the daemon shuts down. Also accepts the dashboard's session cookie.",
+                "operationId": "events",
+                "tags": ["dashboard"],
+                "responses": {
+                    "200": {
+                        "description": "The feed: `event: NAME` and `data: {JSON}` per event, and `: keepalive` "
+                        "comments while nothing happens.",
+                        "content": _text("text/event-stream"),
+                    },
+                    "503": _error(
+                        "Too many subscribers (`too_many_subscribers`) or the daemon is shutting down "
+                        "(`shutting_down`), or see the gate.",
+                        retry_after=False,
+                    ),
+                },
+            }
+        },
+        "/ui": {
+            "get": {
+                "summary": "The dashboard",
+                "description": "One page: every model and worker, and the tokens of recent streams coloured by the "
+                "worker layout that produced them. Needs no key; it asks for one (`POST /ui/login`) when the API "
+                "does.",
+                "operationId": "dashboard",
+                "tags": ["dashboard"],
+                "responses": {"200": {"description": "The page.", "content": _text("text/html")}},
+            }
+        },
+        "/ui/dashboard.js": {
+            "get": {
+                "summary": "The dashboard's script",
+                "operationId": "dashboardScript",
+                "tags": ["dashboard"],
+                "responses": {"200": {"description": "The script.", "content": _text("text/javascript")}},
+            }
+        },
+        "/ui/login": {
+            "post": {
+                "summary": "Log the browser in",
+                "description": "Exchanges an API key for a session cookie, accepted in place of "
+                "`Authorization: Bearer KEY` for `GET` of `/ui` and `/api/*` (never for a route that changes "
+                "something) for 12 hours. Without API keys configured there is nothing to log in to: no cookie.",
+                "operationId": "login",
+                "tags": ["dashboard"],
+                "requestBody": {"required": True, "content": {_FORM: {"schema": login_form}}},
+                "responses": {
+                    "303": {**_SEE_UI, "headers": {**_SEE_UI["headers"], "Set-Cookie": cookie}},
+                    "400": _error("The body is not a form in UTF-8 with a `key` (`bad_request`)."),
+                    "401": _error("The key is not one of the daemon's (`invalid_api_key`)."),
+                    "413": _error("The body is larger than 4 KiB (`body_too_large`)."),
+                },
+            }
+        },
+        "/ui/logout": {
+            "post": {
+                "summary": "Log the browser out",
+                "description": "Ends the session of the cookie sent, and clears the cookie.",
+                "operationId": "logout",
+                "tags": ["dashboard"],
+                "responses": {"303": _SEE_UI},
+            }
+        },
+    }
+
+
 def _schemas() -> dict[str, Any]:
     status = ModelStatus.model_json_schema(mode="serialization", ref_template=_TEMPLATE)
     schemas: dict[str, Any] = status.pop("$defs", {})
@@ -560,6 +661,7 @@ def _build() -> dict[str, Any]:
             {"name": "OpenAI", "description": "OpenAI-compatible routes."},
             {"name": "management", "description": "The daemon's own routes."},
             {"name": "workers", "description": "The rpc workers of sharded models, and recent requests."},
+            {"name": "dashboard", "description": "The live event feed, and the page that shows it."},
         ],
         "paths": {
             "/v1/models": {
@@ -626,6 +728,7 @@ def _build() -> dict[str, Any]:
                 "Stop the model's llama-server once its requests in flight are done.",
             ),
             **_worker_paths(),
+            **_dashboard_paths(),
             "/health": {
                 "get": {
                     "summary": "Whether the daemon serves",
@@ -687,6 +790,8 @@ def _build() -> dict[str, Any]:
     }
 
 
+#: The routes that need no key (the gate checks Host and Origin there too).
+_PUBLIC = ("/health", "/ui", "/ui/dashboard.js")
 #: What the HTTP front end's gate may answer on any route, before the route sees the request.
 _GATE = {
     "401": _error("An API key is configured and the request has none, or not one of them (`invalid_api_key`)."),
@@ -698,12 +803,12 @@ _GATE = {
 
 
 def _with_gate(document: dict[str, Any]) -> dict[str, Any]:
-    """Every operation also documents the gate's refusals (``/health`` needs no key, but Host and
-    Origin are checked there too)."""
+    """Every operation also documents the gate's refusals (``/health`` and the dashboard's page need no
+    key, but Host and Origin are checked there too)."""
     for path, item in document["paths"].items():
         for operation in item.values():
             for status, response in _GATE.items():
-                if status == "401" and path == "/health":
+                if status == "401" and path in _PUBLIC:
                     continue
                 operation["responses"].setdefault(status, response)
     return document

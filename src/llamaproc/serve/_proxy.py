@@ -63,6 +63,7 @@ from ..protocol import (
     status_error,
 )
 from ..runtime import Endpoint, ServeConfig
+from ._events import EventFeed, StreamTap
 from ._metrics import ServeMetrics
 from ._relay import StreamReader, auth_headers, check_alive, error_of
 from ._upstream import Upstream, UpstreamError, UpstreamResponse
@@ -108,9 +109,11 @@ class ProxyState:
         *,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         jobs: JobLog | None = None,
+        events: EventFeed | None = None,
     ) -> None:
         self.pool = pool
         self.jobs = jobs if jobs is not None else JobLog()
+        self.events = events if events is not None else EventFeed()
         self.client = client
         self.metrics = metrics
         self.max_body = max_body
@@ -217,6 +220,7 @@ class _Call:
         "started",
         "state",
         "status",
+        "tap",
         "tokens",
     )
 
@@ -231,6 +235,7 @@ class _Call:
         self._first_token = False
         self._failed = False
         self._sending_since: float | None = None
+        self.tap: StreamTap | None = None  # the event feed's view of a streamed answer
 
     async def run(self, path: str, raw: bytes, body: dict[str, Any], receive: Receive) -> None:
         # The client's disconnect is watched by a plain asyncio task (the app runs under uvicorn,
@@ -262,6 +267,8 @@ class _Call:
             try:
                 await self._admitted(path, raw, body)
             finally:
+                if self.tap is not None:  # a stream that did not end well: failed, or its client left
+                    self.tap.end("failed")
                 if timer is not None:
                     timer.cancel()
                 watcher.cancel()
@@ -385,6 +392,9 @@ class _Call:
             endpoint=endpoint, stall_timeout=self.state.stall_timeout(self.name),
         )  # fmt: skip
         model_field = self._model_field()
+        feed = self.state.events
+        watchers = feed.subscribers  # empty while nobody follows the event feed: then no event is built
+        self.tap = tap = feed.tap(self.name, endpoint.layout if isinstance(endpoint, ShardedModel) else None)
         await self._start(200, _SSE_HEADERS)
         counted = 0
         try:
@@ -395,6 +405,8 @@ class _Call:
                 for data, token in events:
                     if token is not None:
                         counted += 1
+                        if watchers:
+                            tap.token(token.text)
                         if not self._first_token:
                             self._first_token = True
                             self.state.metrics.first_token(self.name, time.perf_counter() - self.started)
@@ -415,6 +427,7 @@ class _Call:
             return
         finally:
             reader.close()
+        tap.end("done")
         await self._write(b"", more=False)
 
     async def _continue(self, resume: _Resume, ids: list[int], delivered: int, base_url: str,
@@ -426,18 +439,24 @@ class _Call:
             reason=str(error).splitlines()[0], last_token=last_token,
         )  # fmt: skip
         recorded = 0
+        tap = self.tap
+        assert tap is not None
+        watchers = tap.feed.subscribers
         try:
             async with stream:
                 async for token in stream:
                     self.tokens += 1
                     if len(stream.reshards) > recorded:
                         recorded = self._record(resume, stream.reshards, recorded)
+                    if watchers:
+                        tap.token(token.text)
                     await self._write(resume.render(self.name, token.text, None))
             self._record(resume, stream.reshards, recorded)
         except LlamaprocError as exc:
             self._record(resume, stream.reshards, recorded)
             await self._fail(exc)
             return
+        tap.end("done")
         result = stream.result
         finish = result.finish_reason if result is not None else None
         await self._write(resume.render(self.name, None, finish) + b"data: [DONE]\n\n", more=False)
@@ -446,6 +465,8 @@ class _Call:
         for reshard in reshards[recorded:]:
             resume.job.add_reshard(reshard)
             self.state.metrics.record_resume(self.name, reshard)
+            if self.tap is not None:
+                self.tap.resume(reshard)
         return len(reshards)
 
     async def _fail(self, exc: LlamaprocError) -> None:

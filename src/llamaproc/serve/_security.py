@@ -22,8 +22,16 @@ proxied OpenAI routes included, in this order:
    preflight (``OPTIONS``) answered and ``Access-Control-Allow-Origin`` on
    the answers.
 3. The API key, when any is configured: ``Authorization: Bearer KEY`` on every
-   route but ``GET /health``, else 401 ``invalid_api_key`` with
-   ``WWW-Authenticate: Bearer``.
+   route but ``GET /health`` and the dashboard's page and login, else 401
+   ``invalid_api_key`` with ``WWW-Authenticate: Bearer``. A browser, whose
+   ``EventSource`` cannot send that header, logs in once instead
+   (``POST /ui/login`` with a key): it gets a session cookie (a random token
+   the daemon keeps in :class:`Sessions`, never the key), accepted in place of
+   the header for ``GET`` (and ``HEAD``) of ``/ui`` and ``/api/*`` and for
+   ``POST /ui/logout`` only. Every route that changes something still wants the
+   header, so a page that made a browser send the cookie could change nothing;
+   and the cookie is ``SameSite=Strict`` and the ``Origin`` check refuses
+   other origins besides.
 
 The checks are a few header lookups per request: the cost is measured by
 ``bench/security.py`` (about a microsecond).
@@ -35,9 +43,12 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterable
+import secrets
+import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from starlette.requests import cookie_parser
 from starlette.types import Message, Scope, Send
 
 from ._proxy import _send_error
@@ -48,7 +59,11 @@ if TYPE_CHECKING:
     from ..runtime import ServeConfig
 
 __all__ = [
+    "MAX_SESSIONS",
+    "SESSION_COOKIE",
+    "SESSION_TTL",
     "HttpSecurity",
+    "Sessions",
     "bearer_token",
     "check_credentials",
     "host_allowed",
@@ -58,6 +73,7 @@ __all__ = [
     "normal_origin",
     "origin_allowed",
     "same_origin",
+    "session_cookie",
 ]
 
 _ANY = b"*"
@@ -66,6 +82,24 @@ _ORIGIN_RE = re.compile(rb"(https?)://(\[[0-9a-f:.]+\]|[^/:\[\]]+)(?::(\d{1,5}))
 _TOKEN_LIST_RE = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+(?:\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 #: Host header values already accepted, remembered up to this many (an attacker could send endless new ones).
 _KNOWN_HOSTS = 64
+#: The name of the dashboard's session cookie.
+SESSION_COOKIE = "llamaproc_session"
+#: Seconds a dashboard login lasts.
+SESSION_TTL = 12 * 3600.0
+#: Logins kept at once; a new one beyond ends the oldest.
+MAX_SESSIONS = 64
+#: Routes that need no key: the health probe, the dashboard's page and its login.
+_PUBLIC = frozenset(
+    {
+        ("GET", "/health"),
+        ("HEAD", "/health"),
+        ("GET", "/ui"),
+        ("HEAD", "/ui"),
+        ("GET", "/ui/dashboard.js"),
+        ("HEAD", "/ui/dashboard.js"),
+        ("POST", "/ui/login"),
+    }
+)
 
 
 # --- the pure checks ---------------------------------------------------------------------------
@@ -187,25 +221,84 @@ def check_credentials(authorization: bytes | None, key_digests: Iterable[bytes])
     (:func:`hmac.compare_digest`, no early exit): neither which key matched nor
     how much of one did, nor the keys' lengths, shows in the timing.
 
-    This is the one place a credential is checked. A browser login would be
-    accepted here too: a route that takes a key and sets an ``HttpOnly``,
-    ``SameSite=Strict`` session cookie, whose value this function would then
-    check the same way (a ``cookie`` argument beside ``authorization``), so
-    that every route keeps a single gate. The ``Origin`` check that runs first
-    already refuses the cross-site requests such a cookie would need
-    protecting from. (CORS answers would then need
-    ``Access-Control-Allow-Credentials`` and could not use ``*``.)
+    The dashboard's login (:meth:`HttpSecurity.login`) compares its key the
+    same way; the session cookie it gives is checked next to this, by the same
+    gate. The ``Origin`` check that runs first refuses the cross-site requests
+    such a cookie needs protecting from, and CORS answers never carry
+    ``Access-Control-Allow-Credentials``: an allowed origin uses the header.
     """
     if authorization is None:
         return False
     token = bearer_token(authorization)
-    if token is None:
-        return False
+    return token is not None and _is_key(token, key_digests)
+
+
+def _is_key(token: bytes, key_digests: Iterable[bytes]) -> bool:
     presented = _digest(token)
     found = False
     for digest in key_digests:
         found |= hmac.compare_digest(presented, digest)
     return found
+
+
+def session_cookie(header: bytes | None) -> bytes | None:
+    """The session token of a ``Cookie`` header value, if it has one."""
+    if header is None:
+        return None
+    value = cookie_parser(header.decode("latin-1")).get(SESSION_COOKIE)
+    return value.encode("latin-1") if value else None
+
+
+class Sessions:
+    """The dashboard's logins: random tokens, each valid for ``ttl`` seconds, at most ``limit`` at once.
+
+    Only the tokens' SHA-256 digests are kept (with their expiry), so the
+    daemon's memory holds nothing a cookie could be made from. A login beyond
+    ``limit`` ends the oldest. ``clock`` (monotonic seconds) is for tests.
+    """
+
+    __slots__ = ("_clock", "_expiry", "limit", "ttl")
+
+    def __init__(
+        self, *, ttl: float = SESSION_TTL, limit: int = MAX_SESSIONS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if ttl <= 0 or limit < 1:
+            raise ValueError("ttl must be > 0 and limit >= 1")
+        self.ttl = ttl
+        self.limit = limit
+        self._clock = clock
+        self._expiry: dict[bytes, float] = {}  # digest -> when it expires, oldest login first
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def create(self) -> str:
+        """A new session's token (to be sent once, as the cookie's value)."""
+        now = self._clock()
+        self._expire(now)
+        while len(self._expiry) >= self.limit:
+            del self._expiry[next(iter(self._expiry))]
+        token = secrets.token_urlsafe(32)
+        self._expiry[_digest(token.encode("ascii"))] = now + self.ttl
+        return token
+
+    def valid(self, token: bytes) -> bool:
+        """Whether ``token`` is a session that has not expired nor ended."""
+        expiry = self._expiry.get(_digest(token))
+        if expiry is None:
+            return False
+        if expiry <= self._clock():
+            self._expire(self._clock())
+            return False
+        return True
+
+    def end(self, token: bytes) -> None:
+        """End the session of ``token`` (a logout); unknown tokens are ignored."""
+        self._expiry.pop(_digest(token), None)
+
+    def _expire(self, now: float) -> None:
+        for digest in [d for d, expiry in self._expiry.items() if expiry <= now]:
+            del self._expiry[digest]
 
 
 # --- the ASGI glue -----------------------------------------------------------------------------
@@ -260,10 +353,11 @@ class HttpSecurity:
 
     ``loopback``: the daemon listens on a loopback address (the ``Host``
     check is then strict). ``api_keys`` empty: no key is asked for. The keys
-    are kept only as SHA-256 digests and never shown.
+    are kept only as SHA-256 digests and never shown. ``sessions`` holds the
+    dashboard's logins (:meth:`login`).
     """
 
-    __slots__ = ("_hosts", "_key_digests", "_known_hosts", "_loopback", "_origins")
+    __slots__ = ("_hosts", "_key_digests", "_known_hosts", "_loopback", "_origins", "sessions")
 
     def __init__(
         self,
@@ -279,6 +373,7 @@ class HttpSecurity:
         self._origins = frozenset(o.lower().encode("ascii") for o in allowed_origins)
         self._loopback = loopback
         self._known_hosts: set[bytes] = set()
+        self.sessions = Sessions()
 
     @classmethod
     def from_config(cls, config: ServeConfig, *, loopback: bool) -> HttpSecurity:
@@ -294,6 +389,27 @@ class HttpSecurity:
     def requires_key(self) -> bool:
         """Whether requests need an API key."""
         return bool(self._key_digests)
+
+    def login(self, key: str) -> str | None:
+        """A new session's token if ``key`` is one of the API keys (compared as the header is), else None."""
+        try:
+            token = key.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+        if not self._key_digests or not _is_key(token, self._key_digests):
+            return None
+        return self.sessions.create()
+
+    def _session_allows(self, method: str, path: str, cookie: bytes | None) -> bool:
+        """Whether the request's session cookie stands in for the key: reading ``/ui`` and ``/api/*``,
+        and logging out; never a route that changes something."""
+        if method in ("GET", "HEAD"):
+            if not (path == "/ui" or path.startswith(("/ui/", "/api/"))):
+                return False
+        elif (method, path) != ("POST", "/ui/logout"):
+            return False
+        token = session_cookie(cookie)
+        return token is not None and self.sessions.valid(token)
 
     def check(self, scope: Scope) -> _Verdict | None:
         """None to let the request through unchanged, else what to do: refuse it, answer its
@@ -325,12 +441,18 @@ class HttpSecurity:
                     return _preflight(cors, headers.get(b"access-control-request-headers"))
         elif headers.get(b"sec-fetch-site") == b"cross-site":
             return _cross_origin(None)
-        if self._key_digests and not (scope["path"] == "/health" and scope["method"] in ("GET", "HEAD")):
-            if not check_credentials(headers.get(b"authorization"), self._key_digests):
-                missing = b"authorization" not in headers
+        if self._key_digests and not check_credentials(headers.get(b"authorization"), self._key_digests):
+            method, path = scope["method"], scope["path"]
+            if (method, path) not in _PUBLIC and not self._session_allows(method, path, headers.get(b"cookie")):
+                if b"authorization" in headers:
+                    message = "invalid API key"
+                elif session_cookie(headers.get(b"cookie")) is not None:
+                    message = "the session has ended or does not allow this request: log in again, or send the key"
+                else:
+                    message = "missing API key: send it as 'Authorization: Bearer KEY'"
                 return _Verdict(
                     401,
-                    "missing API key: send it as 'Authorization: Bearer KEY'" if missing else "invalid API key",
+                    message,
                     "invalid_api_key",
                     headers={"WWW-Authenticate": 'Bearer realm="llamaproc"'},
                     cors=cors,

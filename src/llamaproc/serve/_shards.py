@@ -8,7 +8,7 @@
   registered workers (:meth:`ShardKeeper.registered_workers`);
 * once a sharded model serves, its workers are recorded as held by it (the
   local ones it started with their pid), and each of its reshards updates
-  the registry (lost workers, new layout) and the metrics;
+  the registry (lost workers, new layout), the metrics and the event feed;
 * once it stops or crashes, its workers are released (local ones forgotten:
   they stopped with it);
 * ``DELETE /api/workers/{id}`` of a worker a model holds makes that model
@@ -30,6 +30,7 @@ import anyio.abc
 from ..errors import LlamaprocError
 from ..model import ShardedModel
 from ..types import Reshard
+from ._events import EventFeed
 from ._metrics import ServeMetrics
 from ._workers import WorkerEntry, WorkerRegistry
 
@@ -48,9 +49,10 @@ class ShardKeeper:
     daemon's task group (evictions run in it; cancelling it stops them).
     """
 
-    def __init__(self, registry: WorkerRegistry, metrics: ServeMetrics) -> None:
+    def __init__(self, registry: WorkerRegistry, metrics: ServeMetrics, events: EventFeed | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.events = events
         self.pool: ModelPool[Any] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         #: The sharded models serving now, by name (to tell a model's own events from a reloaded one's).
@@ -108,6 +110,8 @@ class ShardKeeper:
             self.registry.mark_lost(address)
         self.registry.assign_layout(name, reshard.layout)
         self.metrics.record_reshard(name, reshard)
+        if self.events is not None:
+            self.events.publish("reshard", {"model": name, **reshard.to_json()})
 
     # -- the registry's hooks -------------------------------------------------------------------------
 

@@ -106,6 +106,7 @@ from ..protocol import (
 )
 from ..runtime import Endpoint
 from ..types import Completion, Reshard, Token
+from ._events import EventFeed, StreamTap
 from ._relay import StreamReader, auth_headers, check_alive, error_of
 from ._upstream import Upstream, UpstreamError
 from ._workers import Job, JobLog
@@ -191,6 +192,7 @@ async def serve_socket(
     client: Upstream | None = None,
     stall_timeout: Callable[[str], float | None] | None = None,
     jobs: JobLog | None = None,
+    events: EventFeed | None = None,
     apply: Applier | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -207,7 +209,8 @@ async def serve_socket(
     for the HTTP front end (the caller owns it; without one the server makes
     and closes its own). ``stall_timeout(model)`` is how long a running
     generation may receive nothing while its server uses no CPU before it
-    fails (``None``: no limit).
+    fails (``None``: no limit). ``events``: the feed the streams' tokens are
+    published to, while anyone follows it.
     """
     path = Path(path)
     try:
@@ -219,7 +222,7 @@ async def serve_socket(
     own_client = client is None
     options = _Options(
         pool, metrics, max_line, write_timeout, max_in_flight, active or ActiveRequests(),
-        Upstream() if client is None else client, stall_timeout or _no_stall_timeout, jobs, apply,
+        Upstream() if client is None else client, stall_timeout or _no_stall_timeout, jobs, events, apply,
     )  # fmt: skip
     try:
         async with anyio.create_task_group() as tg:
@@ -301,6 +304,7 @@ class _Options:
     client: Upstream
     stall_timeout: Callable[[str], float | None]
     jobs: JobLog | None = None
+    events: EventFeed | None = None
     apply: Applier | None = None
 
 
@@ -340,6 +344,7 @@ class _Request:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     started: float = field(default_factory=time.perf_counter)
     tokens: int = 0
+    tap: StreamTap | None = None  # the event feed's view of the stream
 
 
 class _Connection:
@@ -537,6 +542,8 @@ class _Connection:
                     status = "cancelled" if final is None else final["code"] if final["event"] == "error" else "ok"
                     seconds = time.perf_counter() - request.started
                     metrics.request_done(request.model, _API, status, seconds, request.tokens)
+                if request.tap is not None:
+                    request.tap.end("done" if final is not None and final["event"] == "done" else "failed")
             if final is None:  # the cancel op cancelled request.scope
                 final = {"id": request.id, "event": "error", "code": "cancelled", "message": "cancelled by the client"}
             await self._send(final)
@@ -550,6 +557,10 @@ class _Connection:
         while True:
             attempts += 1
             async with self.pool.acquire(request.model) as endpoint:
+                events = self.options.events
+                if events is not None:
+                    layout = endpoint.layout if isinstance(endpoint, ShardedModel) else None
+                    request.tap = events.tap(request.model, layout)
                 if isinstance(endpoint, ShardedModel):
                     result = await self._relay_sharded(request, endpoint)
                     break
@@ -669,6 +680,8 @@ class _Connection:
             record = getattr(self.metrics, "record_resume", None)
             if record is not None:
                 record(request.model, reshard)
+            if request.tap is not None:
+                request.tap.resume(reshard)
             await self._send({"id": request.id, "event": "reshard", **reshard.to_json()})
         return len(reshards)
 
@@ -676,6 +689,9 @@ class _Connection:
         if request.tokens == 0 and self.metrics is not None:
             self.metrics.first_token(request.model, time.perf_counter() - request.started)
         request.tokens += 1
+        tap = request.tap
+        if tap is not None and tap.feed.subscribers:
+            tap.token(token.text)
         event: dict[str, Any] = {"id": request.id, "event": "token", "text": token.text}
         if token.id is not None and request.op == "generate":
             event["token_id"] = token.id

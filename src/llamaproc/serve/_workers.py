@@ -133,6 +133,9 @@ class WorkerRegistry:
     - ``on_heartbeat(entry)``: called by :meth:`heartbeat` once recorded, so
       that a model using the worker learns its CPU time. Its errors are
       logged, never raised.
+    - ``on_change(entry, change)``: called when a worker is ``"registered"``,
+      ``"assigned"`` to a model, ``"released"``, ``"lost"`` or ``"removed"``
+      (the daemon's event feed). Its errors are logged, never raised.
     - ``probe(address)``: awaited by ``POST /api/workers/register`` before a
       worker is accepted; returns the worker's devices or raises
       :class:`~llamaproc.errors.WorkerUnreachableError`. ``None``: no probe.
@@ -156,6 +159,7 @@ class WorkerRegistry:
         self.max_lost = max_lost
         self.on_evict: Callable[[WorkerEntry], object] | None = None
         self.on_heartbeat: Callable[[WorkerEntry], object] | None = None
+        self.on_change: Callable[[WorkerEntry, str], object] | None = None
         self.probe: Callable[[str], Awaitable[Sequence[Device]]] | None = None
         self._clock = clock
         self._wall = wall
@@ -231,6 +235,7 @@ class WorkerRegistry:
             if pid is not None:
                 entry.pid = pid
             entry.source = source if source != "config" else entry.source
+            self._changed(entry, "registered")
             return entry
         self._make_room(now)
         entry = WorkerEntry(
@@ -246,6 +251,7 @@ class WorkerRegistry:
         )
         self._by_id[entry.id] = entry
         self._by_address[address] = entry
+        self._changed(entry, "registered")
         return entry
 
     def heartbeat(self, worker_id: str, cpu_seconds: float | None = None) -> WorkerEntry:
@@ -294,6 +300,7 @@ class WorkerRegistry:
         entry = self._by_id.pop(worker_id, None)
         if entry is not None:
             del self._by_address[entry.address]
+            self._changed(entry, "removed")
 
     # --- models ------------------------------------------------------------------------------------
 
@@ -308,6 +315,7 @@ class WorkerRegistry:
             entry = self._by_address.get(address) or self.register(address, source="config")
             entry.model = model
             entry.layers = None if layers is None else layers.get(address)
+            self._changed(entry, "assigned")
 
     def assign_layout(self, model: str, layout: Sequence[Shard]) -> None:
         """:meth:`assign` for a model's layout (its shards' addresses and layers)."""
@@ -321,6 +329,8 @@ class WorkerRegistry:
             entry.model = entry.layers = None
             if entry.source == "config":
                 self.remove(entry.id)
+            else:
+                self._changed(entry, "released")
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -330,7 +340,15 @@ class WorkerRegistry:
     def _lose(self, entry: WorkerEntry) -> None:
         entry.lost = True
         entry.lost_since = self._clock()
+        self._changed(entry, "lost")
         self._forget_lost(self.max_lost)
+
+    def _changed(self, entry: WorkerEntry, change: str) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(entry, change)
+            except Exception:  # noqa: BLE001 - an observer must not break the registry
+                _log.exception("llamaproc serve: the change hook of worker %s (%s) failed", entry.id, entry.address)
 
     def _lost_oldest_first(self, now: float) -> list[WorkerEntry]:
         lost = [e for e in self._by_id.values() if e.lost or self._stale(e, now)]
