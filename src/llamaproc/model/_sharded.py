@@ -48,6 +48,7 @@ from ..errors import (
     LlamaprocError,
     ServerCrashedError,
     StalledError,
+    StartupError,
     TransportError,
     WorkerBusyError,
     WorkersLostError,
@@ -77,6 +78,10 @@ LOAD_PROBE_TIMEOUT = 3.0
 PROBE_TIMEOUT = 1.0
 #: How long the coordinator's log may lag behind its readiness (its output is read by a thread).
 _LOG_WAIT = 5.0
+#: Coordinators that exit during start-up one recovery may start before it gives up.
+_START_ATTEMPTS = 3
+#: What llama-server logs about a worker it could not reach (group 1: ``host:port``).
+_REFUSED = re.compile(r"[Ff]ailed to connect to (\S+?)[\s:,]*$", re.M)
 #: CPU seconds the model (coordinator and local workers) must use, as a fraction of the half stall
 #: timeout, to count as computing rather than hung when no token came.
 STALL_CPU_FRACTION = 0.05
@@ -484,6 +489,7 @@ class ShardedModel(TextModel):
             await old_client.aclose()
             await old_process.stop()
         lost: list[str] = []
+        failed_starts = 0
         while True:
             survivors = await self._probe_members(evict)
             lost += [m.address for m in self._members if m not in survivors]
@@ -498,9 +504,20 @@ class ShardedModel(TextModel):
                 _release(lost, self)
                 raise self._failed
             self._members = survivors
-            process, client, api_key, layout, missing = await _start_coordinator(
-                self._launch, survivors, self._split
-            )
+            try:
+                process, client, api_key, layout, missing = await _start_coordinator(
+                    self._launch, survivors, self._split
+                )
+            except StartupError as exc:
+                # A worker that answered the probe and died as the coordinator connected can make the
+                # coordinator exit: probe again without the ones it names, a few times at most.
+                failed_starts += 1
+                if failed_starts > _START_ATTEMPTS:
+                    raise
+                evict = tuple(_REFUSED.findall(exc.output or ""))
+                _log.info("the new coordinator exited during start-up (%s); probing the workers again",
+                          ", ".join(evict) or "no worker named")  # fmt: skip
+                continue
             if not missing:
                 break
             # A worker that answered the probe was gone by the time the coordinator connected.
