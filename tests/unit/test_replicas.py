@@ -225,3 +225,17 @@ async def test_settings_apply_at_once_but_those_read_at_start_up_do_not() -> Non
         assert changes["queue_size"].action == "setting" and pool.config.queue_size == 3
         assert changes["api_keys"].action == "restart_required" and pool.config.api_keys == ()
         assert "a-new-key" not in changes["api_keys"].detail
+
+
+async def test_more_replicas_than_the_memory_allows_are_refused_whole(tmp_path: Path) -> None:
+    path = tmp_path / "a.gguf"
+    path.write_bytes(b"x" * 1000)
+    loader = FakeLoader()
+    async with ModelPool(config(models={"a": {"path": path}}, memory_budget=1500), loader=loader,
+                         health_interval=None) as pool:  # fmt: skip
+        await pool.load("a")
+        (change,) = await pool.apply(config(models={"a": {"path": path, "replicas": 2}}, memory_budget=1500))
+        assert change.action == "rolled_back" and "no memory for 2 replicas" in change.detail
+        assert len(alive(loader)) == 1 and pool.config.models["a"].replicas == 1
+        assert role(pool, "a").replicas == 1
+        assert conditions(pool, "a")["Progressing"].status == "False"

@@ -663,11 +663,12 @@ class ModelPool(Generic[E]):
 
     def supervisor(self, name: str) -> Supervisor[E]:
         """The supervisor of model ``name``'s first serving replica (else its first replica)."""
-        return self._entry(name).replicas.first
+        return self.replicas(name).first
 
     def replicas(self, name: str) -> ReplicaSet[E]:
-        """The replicas of model ``name``."""
-        return self._entry(name).replicas
+        """The replicas of model ``name`` (also while it drains after being removed by :meth:`apply`)."""
+        entry = self._entries.get(name)
+        return entry.replicas if entry is not None else self._entry(name).replicas
 
     @property
     def draining(self) -> bool:

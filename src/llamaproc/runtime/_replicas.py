@@ -193,11 +193,14 @@ class ReplicaSet(Generic[E]):
         self.conditions(self.first.lost_workers)
         self.notify()
 
-    async def changed(self) -> None:
-        """Return at the next :meth:`notify`."""
+    def _event(self) -> anyio.Event:
         if self._changed is None:
             self._changed = anyio.Event()
-        await self._changed.wait()
+        return self._changed
+
+    async def changed(self) -> None:
+        """Return at the next :meth:`notify`."""
+        await self._event().wait()
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -308,16 +311,20 @@ class ReplicaSet(Generic[E]):
             await self._wait_any()
 
     async def _wait_any(self) -> None:
-        """Until a replica or the set changes."""
+        """Until a replica or the set changes.
+
+        The events are taken now, before any task starts: a change made
+        before the waiting tasks run is not missed.
+        """
+        events = [self._event(), *(r.supervisor._event() for r in self.replicas)]
         async with anyio.create_task_group() as tg:
 
-            async def wait(changed: Callable[[], Awaitable[None]]) -> None:
-                await changed()
+            async def wait(event: anyio.Event) -> None:
+                await event.wait()
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(wait, self.changed)
-            for replica in self.replicas:
-                tg.start_soon(wait, replica.supervisor.changed)
+            for event in events:
+                tg.start_soon(wait, event)
 
     # -- rolling updates --------------------------------------------------------------------------
 
@@ -335,6 +342,10 @@ class ReplicaSet(Generic[E]):
         :class:`RolloutError` after a rollback (``rolled_back`` says why).
         """
         previous, generation = self.config, self.generation + 1
+        if self._wanted and config.replicas > len(self._live()) and not await room_for_one_more(config.replicas):
+            # Checked before anything changes: more replicas than the memory allows is refused whole.
+            self.generation = generation
+            raise self._give_up(previous, f"no memory for {config.replicas} replicas")
         self.generation, self.config, self.rolled_back = generation, config, None
         for replica in self.replicas:
             if not replica.draining and _same_but_replicas(replica.config, config):
@@ -366,7 +377,10 @@ class ReplicaSet(Generic[E]):
                 in_place = bool(old) and not await room_for_one_more(live + 1)
                 victim = old.pop(0) if in_place else None
                 if victim is None and not old and not await room_for_one_more(live + 1):
-                    raise self._give_up(previous, "no memory for one more replica")
+                    # The memory went to others meanwhile: keep the replicas there are, say so.
+                    self.config = config.model_copy(update={"replicas": made})
+                    self.rolled_back = f"runs {made} of {config.replicas} replicas: no memory for more"
+                    raise RolloutError(f"model {self.name!r} {self.rolled_back}")
                 if victim is not None:
                     _log.info("model %s: no memory for one more replica: replacing replica %d in place",
                               self.name, victim.index)  # fmt: skip

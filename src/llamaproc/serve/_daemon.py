@@ -50,7 +50,7 @@ import anyio.abc
 import uvicorn
 from pydantic import SecretStr
 
-from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocError
+from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocError, QueueFullError
 from ..ledger import Ledger, open_ledger
 from ..process import probe_worker
 from ..runtime import Change, PidLock, ServeConfig, load_config, load_spec_data, parse_api_keys
@@ -370,6 +370,8 @@ class Applier:
 
     #: How often a watched config file is looked at (seconds).
     WATCH_INTERVAL = 1.0
+    #: Applies that may wait for their turn at once; more are refused.
+    MAX_PENDING = 8
 
     def __init__(
         self, pool: ModelPool, tg: anyio.abc.TaskGroup, *, extra_keys: tuple[SecretStr, ...],
@@ -379,12 +381,16 @@ class Applier:
         self.tg = tg
         self.extra_keys = extra_keys
         self.path = path
+        self.pending = 0
 
     async def apply(self, config: ServeConfig, dry_run: bool) -> list[Change]:
         if self.extra_keys:
             config = config.model_copy(update={"api_keys": config.api_keys + self.extra_keys})
         if dry_run:
             return await self.pool.apply(config, dry_run=True)
+        if self.pending >= self.MAX_PENDING:
+            raise QueueFullError(f"{self.pending} configs are being applied or wait their turn; try again later",
+                                 retry_after=5.0)  # fmt: skip
         done = anyio.Event()
         outcome: list[Any] = []
 
@@ -394,8 +400,10 @@ class Applier:
             except LlamaprocError as exc:
                 outcome.append(exc)
             finally:
+                self.pending -= 1
                 done.set()
 
+        self.pending += 1
         self.tg.start_soon(run, name="llamaproc-apply")
         await done.wait()
         if isinstance(outcome[0], LlamaprocError):
