@@ -418,6 +418,36 @@ def test_redis_ledgers_with_other_prefixes_share_a_database(redis_url: str) -> N
         two.close()
 
 
+def test_a_redis_lease_deleted_by_hand_is_gone(redis_url: str) -> None:
+    """A lease's hash deleted behind the store's back (by an operator, or evicted): lost, listed nowhere, and its
+    memory free; the indexes that still named it work on."""
+    import redis
+
+    from llamaproc.ledger._redis import RedisStore
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    try:
+        store.set_capacity("cpu", CAP)
+        grant(store, "deleted", CAP // 2, "batch")
+        grant(store, "kept", CAP // 4, "batch")
+        with redis.Redis.from_url(redis_url) as other:
+            assert other.delete(f"{prefix}l:deleted") == 1
+        assert store.renew(["deleted", "kept"], [], TTL).lost == ("deleted",)
+        assert [lease.id for lease in store.leases()] == ["kept"]
+        assert [lease.id for lease in store.leases("cpu")] == ["kept"]
+        # Its memory is free (only "kept" is asked to yield for the rest), and a resize sees the room.
+        asked = store.try_grant(waiter("urgent", CAP, "urgent"), TTL, True)
+        assert asked.lease is None and asked.free == CAP - CAP // 4 and asked.preempting == ("kept",)
+        store.cancel("urgent")
+        assert store.resize("kept", CAP - 1)
+        store.release("kept")
+        grant(store, "whole", CAP)
+        assert [lease.id for lease in store.leases()] == ["whole"]
+    finally:
+        store.close()
+
+
 def test_redis_store_loads_its_scripts_again_when_redis_forgot_them(redis_url: str) -> None:
     import redis
 

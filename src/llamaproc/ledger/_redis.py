@@ -24,6 +24,9 @@ first and the arrival number second (arrival numbers from ``INCR`` are unique
 and follow the order in which Redis ran the scripts; ``1e13`` arrivals per
 rank are never reached), so the head of the set is the next waiter to serve.
 Each script first purges the leases and waiters whose expiry has passed.
+A lease whose hash is gone (deleted by hand, or evicted by a Redis that
+runs short of memory) is gone: renewal tells its holder it is lost, and the
+scripts drop it from the indexes they read, so it holds no memory.
 
 The scripts build key names from the prefix, which works on one Redis
 server (5 or newer: scripts that write after reading ``TIME``), not on a
@@ -94,9 +97,23 @@ local function waiter_row(id)
   table.insert(row, 1, id)
   return row
 end
+local function live_leases(index)
+  -- the ids in an index of leases (ld:<device> or lx) whose hash still exists; one whose hash was deleted
+  -- behind the ledger's back (by hand, or evicted) is dropped from the index and holds no memory
+  local ids = {}
+  for _, id in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+    if redis.call('EXISTS', P .. 'l:' .. id) == 1 then
+      table.insert(ids, id)
+    else
+      redis.call('ZREM', index, id)
+      redis.call('ZREM', P .. 'lx', id)
+    end
+  end
+  return ids
+end
 local function used_on(dev)
   local total = 0
-  for _, id in ipairs(redis.call('ZRANGE', P .. 'ld:' .. dev, 0, -1)) do
+  for _, id in ipairs(live_leases(P .. 'ld:' .. dev)) do
     total = total + tonumber(redis.call('HGET', P .. 'l:' .. id, 'memory'))
   end
   return total
@@ -155,7 +172,7 @@ if first and ARGV[11] == '1' then
   -- recently granted, only as many as needed counting those already asked, and none if they cannot make room
   local need = mem - free
   local candidates = {}
-  for _, lid in ipairs(redis.call('ZRANGE', P .. 'ld:' .. dev, 0, -1)) do
+  for _, lid in ipairs(live_leases(P .. 'ld:' .. dev)) do
     local f = redis.call('HMGET', P .. 'l:' .. lid, 'memory', 'rank', 'token', 'preempt')
     if f[4] then
       need = need - tonumber(f[1])
@@ -250,8 +267,8 @@ return 1
 _LEASES = """
 purge(now_us())
 local ids
-if ARGV[2] == '1' then ids = redis.call('ZRANGE', P .. 'ld:' .. ARGV[3], 0, -1)
-else ids = redis.call('ZRANGE', P .. 'lx', 0, -1) end
+if ARGV[2] == '1' then ids = live_leases(P .. 'ld:' .. ARGV[3])
+else ids = live_leases(P .. 'lx') end
 local rows = {}
 for _, id in ipairs(ids) do table.insert(rows, lease_row(id)) end
 return rows

@@ -209,6 +209,12 @@ class TextModel:
                 f"llama-server (pid {self.pid}) stopped answering and was killed: {self._hung}",
                 reason=self._hung, returncode=code, output=output, pid=self.pid,
             )  # fmt: skip
+        unloaded = None if self._managed is None else self._managed.unloaded
+        if unloaded is not None:  # the ledger's unload killed it (a call past the preemption grace, a lost lease)
+            return ServerCrashedError(
+                f"llama-server (pid {self.pid}) was stopped: the model was unloaded during the call ({unloaded})",
+                returncode=code, output=output, pid=self.pid,
+            )  # fmt: skip
         return ServerCrashedError(
             f"llama-server (pid {self.pid}) exited with code {code}", returncode=code, output=output, pid=self.pid
         )
@@ -523,7 +529,9 @@ async def load_model(
     ``"5m"``) without calls. The next call (``complete``, ``embed``, a stream
     of ``generate``/``chat`` when it starts ...) takes a new lease and restarts
     the server; calls during the reload wait for it; a stream counts as a call
-    in flight until it ends. No background task does this: the
+    in flight until it ends. A call the unload cuts (past the grace, or when
+    the lease is lost) fails with :class:`ServerCrashedError` saying that
+    the model was unloaded, and why. No background task does this: the
     ledger's renewal thread calls a listener in the event loop, which kills an
     idle server (a signal, safe from any thread) and gives the lease back with
     :meth:`Lease.release_nowait`; a busy one is unloaded when its last call
