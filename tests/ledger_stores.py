@@ -10,6 +10,7 @@ skip with the reason, except under CI, where they fail (tests/support.py).
 from __future__ import annotations
 
 import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,3 +109,26 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
 def store(open_store: Callable[[], Any]) -> Any:
     """A store on a fresh, empty ledger of each kind."""
     return open_store()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh ledger of each kind: a new SQLite file, or a ``redis-server`` of this test's own."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'ledger.db'}"
+    redis = request.getfixturevalue("own_redis")
+    return f"redis://127.0.0.1:{redis.port}/0"
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts (append them): killed, if still running, and reaped after it."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()

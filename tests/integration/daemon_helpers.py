@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import psutil
 
 T = TypeVar("T")
 
 __all__ = [
     "Daemon",
+    "chat_stream",
     "Worker",
     "llama_servers_of",
     "running_daemon",
@@ -266,6 +268,29 @@ def running_daemon_checked(config: Path, state_dir: Path, **kwargs: Any) -> Iter
     assert started.returncode == 0, started.stderr()
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"children left running by the daemon: {alive}"
+
+
+def chat_stream(
+    client: httpx.Client, model: str, max_tokens: int, *, on_token: Callable[[int], None] | None = None,
+    **extra: Any,
+) -> str:
+    """Stream a chat answer of exactly ``max_tokens`` tokens through the daemon (``client`` has its base URL);
+    checked to carry no error event; its text. ``on_token(n)`` is called after the ``n``-th piece of text."""
+    body = {"model": model, "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": True, **extra}  # fmt: skip
+    texts: list[str] = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as answer:
+        assert answer.status_code == 200, answer.read()
+        for line in answer.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[len("data: ") :])
+                assert "error" not in event, event
+                for choice in event["choices"]:
+                    if choice["delta"].get("content"):
+                        texts.append(choice["delta"]["content"])
+                        if on_token is not None:
+                            on_token(len(texts))
+    return "".join(texts)
 
 
 def until(what: str, probe: Callable[[], T | None], *, safety: float = 120.0) -> T:

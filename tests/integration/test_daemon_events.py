@@ -23,7 +23,15 @@ from typing import Any
 
 import httpx
 import pytest
-from daemon_helpers import Daemon, running_daemon_checked, start_daemon, stop_daemon, until, write_config
+from daemon_helpers import (
+    Daemon,
+    chat_stream,
+    running_daemon_checked,
+    start_daemon,
+    stop_daemon,
+    until,
+    write_config,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamaproc.serve._events import MAX_SUBSCRIBERS
@@ -142,18 +150,7 @@ def _metric(client: httpx.Client, name: str) -> float:
 
 def _stream(client: httpx.Client, model: str, max_tokens: int, **extra: Any) -> str:
     """Stream a chat answer of exactly ``max_tokens`` tokens through the daemon; its text."""
-    body = {"model": model, "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, **extra}  # fmt: skip
-    texts = []
-    with client.stream("POST", "/v1/chat/completions", json=body) as answer:
-        assert answer.status_code == 200, answer.read()
-        for line in answer.iter_lines():
-            if line.startswith("data: {"):
-                event = json.loads(line[len("data: ") :])
-                assert "error" not in event, event
-                for choice in event["choices"]:
-                    texts.append(choice["delta"].get("content") or "")
-    return "".join(texts)
+    return chat_stream(client, model, max_tokens, **extra)
 
 
 # --- one daemon without keys ------------------------------------------------------------------------

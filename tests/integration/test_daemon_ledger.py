@@ -31,19 +31,6 @@ def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "long.gguf", context_length=32768)
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
-
-
 def models(daemon: Daemon) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in httpx.get(daemon.http + "/api/models", timeout=30).json()["models"]}
 

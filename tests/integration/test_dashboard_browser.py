@@ -19,7 +19,6 @@ Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -30,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from daemon_helpers import Daemon, running_daemon_checked, until, write_config
+from daemon_helpers import Daemon, chat_stream, running_daemon_checked, until, write_config
 from support import require
 
 from llamaproc.testing import write_tiny_model
@@ -112,21 +111,13 @@ def _text(driver: Any, selector: str) -> str:
 def _stream(base_url: str, model: str, max_tokens: int, *, headers: dict[str, str] | None = None,
             then: Callable[[], None] | None = None) -> str:  # fmt: skip
     """Stream a chat answer of ``max_tokens`` tokens; ``then()`` is called at its ``KILL_AT``-th token. Its text."""
-    body = {"model": model, "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True}  # fmt: skip
-    texts: list[str] = []
-    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, headers=headers, timeout=SAFETY) as answer:
-        assert answer.status_code == 200, answer.read()
-        for line in answer.iter_lines():
-            if line.startswith("data: {"):
-                event = json.loads(line[len("data: ") :])
-                assert "error" not in event, event
-                for choice in event["choices"]:
-                    if choice["delta"].get("content"):
-                        texts.append(choice["delta"]["content"])
-                        if len(texts) == KILL_AT and then is not None:
-                            then()
-    return "".join(texts)
+
+    def on_token(count: int) -> None:
+        if count == KILL_AT and then is not None:
+            then()
+
+    with httpx.Client(base_url=base_url, headers=headers, timeout=SAFETY) as client:
+        return chat_stream(client, model, max_tokens, on_token=on_token)
 
 
 def _in_thread(run: Callable[[], str]) -> Callable[[], str]:

@@ -30,15 +30,6 @@ def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "second.gguf", seed=2)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh ledger: a SQLite file, or a ``redis-server`` of this test's own."""
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path}/l.db"
-    redis = request.getfixturevalue("own_redis")
-    return f"redis://127.0.0.1:{redis.port}/0"
-
-
 def one_model(path: Path, ctx: int = CTX) -> int:
     return estimate_memory(path, ctx_size=ctx).total
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -45,29 +45,6 @@ TRIO_ASYNCGEN_WARNING = pytest.mark.filterwarnings(
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh ledger: a SQLite file, or a ``redis-server`` of this test's own."""
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path}/l.db"
-    redis = request.getfixturevalue("own_redis")
-    return f"redis://127.0.0.1:{redis.port}/0"
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    """Worker processes a test starts; killed (if still running) and reaped after it."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
 
 
 async def until(condition: Callable[[], bool]) -> None:

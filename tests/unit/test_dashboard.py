@@ -12,9 +12,9 @@ from typing import Any
 
 import anyio
 import pytest
+from idle_pool import FakePool
 from starlette.testclient import TestClient
 
-from llamaproc.runtime import ServeConfig
 from llamaproc.serve import HttpSecurity, Upstream, create_app
 from llamaproc.serve._events import EventFeed, FeedClosedError, FeedFullError, layout_key
 from llamaproc.serve._security import SESSION_COOKIE, Sessions
@@ -257,17 +257,6 @@ def test_the_page_and_the_login_need_no_key_but_their_origin_is_checked() -> Non
 
 # --- the routes, in process -------------------------------------------------------------------------
 
-
-class FakePool:
-    draining = False
-    closed = False
-    config = ServeConfig.model_validate({"models": {"tiny": {"path": "/nonexistent/tiny.gguf"}}})
-
-    def names(self) -> list[str]:
-        return ["tiny"]
-
-    def status(self) -> list[Any]:
-        return []
 
 
 def test_login_sets_a_strict_http_only_cookie_and_logout_clears_it() -> None:

@@ -6,31 +6,16 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
+from idle_pool import FakePool
 from openapi_spec_validator import validate
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from llamaproc.runtime import ServeConfig
 from llamaproc.serve import Upstream, create_app
 from llamaproc.serve._app import _App
 from llamaproc.serve._openapi import openapi_bytes, openapi_document
-
-
-class FakePool:
-    """What the app asks of the pool to start and to serve ``/openapi.json``."""
-
-    draining = False
-    closed = False
-    config = ServeConfig.model_validate({"models": {"tiny": {"path": "/nonexistent/tiny.gguf"}}})
-
-    def names(self) -> list[str]:
-        return ["tiny"]
-
-    def status(self) -> list[Any]:
-        return []
 
 
 def _app() -> _App:

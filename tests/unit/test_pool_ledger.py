@@ -34,12 +34,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'ledger.db'}"
-    redis = request.getfixturevalue("own_redis")
-    return f"redis://127.0.0.1:{redis.port}/0"
+@pytest.fixture
+def url(ledger_url: str) -> str:
+    return ledger_url
 
 
 def delete_leases(url: str) -> None:

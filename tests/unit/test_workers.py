@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from idle_pool import FakePool
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from llamaproc.errors import WorkerUnreachableError
-from llamaproc.runtime import ServeConfig
 from llamaproc.serve import ServeMetrics, Upstream, create_app
 from llamaproc.serve._workers import (
     MISSED_HEARTBEATS,
@@ -238,17 +238,6 @@ def test_record_reshard() -> None:
 
 # --- routes -------------------------------------------------------------------------------------
 
-
-class FakePool:
-    draining = False
-    closed = False
-    config = ServeConfig.model_validate({"models": {"tiny": {"path": "/nonexistent/tiny.gguf"}}})
-
-    def names(self) -> list[str]:
-        return ["tiny"]
-
-    def status(self) -> list[Any]:
-        return []
 
 
 def client(reg: WorkerRegistry, jobs: JobLog | None = None) -> TestClient:
