@@ -662,17 +662,11 @@ def load_config(path: str | os.PathLike[str]) -> ServeConfig:
     from ._spec import SPEC_SUFFIXES, load_spec_data
 
     name = os.fspath(path)
+    text = _read_text(path)
     if Path(name).suffix.lower() in SPEC_SUFFIXES:
-        return load_spec_data(_read_text(path), path=path, yaml=True)
+        return load_spec_data(text, path=path, yaml=True)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{name}: config file not found", path=path) from None
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read config file: {exc.strerror or exc}", path=path) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{name}: invalid TOML: not valid UTF-8 (at byte {exc.start})", path=path) from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         text = str(exc)
         where = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", text)
