@@ -236,3 +236,19 @@ async def test_closing_the_pool_ends_a_request_waiting_for_its_lease(url: str, o
             await pool.close()
         assert len(await other.leases()) == 1  # the other's only
         assert loader.calls == []
+
+
+async def test_the_lease_follows_the_replicas_when_the_model_scales(url: str, other: Ledger) -> None:
+    loader = FakeLoader()
+    two = config(models={"a": {"path": "/m/a.gguf", "replicas": 2}}, ledger=url)
+    async with await pool_ledger(url) as ledger, ModelPool(two, loader=loader, health_interval=None,
+                                                           ledger=ledger) as pool:  # fmt: skip
+        await pool.load("a")
+        assert [lease.memory for lease in await other.leases()] == [2]  # one byte per replica
+        await pool.apply(config(models={"a": {"path": "/m/a.gguf", "replicas": 3}}, ledger=url))
+        assert [lease.memory for lease in await other.leases()] == [3]
+        await pool.apply(config(models={"a": {"path": "/m/a.gguf", "replicas": 1}}, ledger=url))
+        assert [lease.memory for lease in await other.leases()] == [1]
+        (change,) = await pool.apply(config(models={"a": {"path": "/m/a.gguf", "replicas": 11}}, ledger=url))
+        assert change.action == "rolled_back" and "no memory for 11 replicas" in change.detail
+        assert [lease.memory for lease in await other.leases()] == [1]

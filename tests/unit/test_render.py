@@ -320,6 +320,8 @@ def test_volume_and_secret_options() -> None:
     [
         (SPEC.replace("{drainTimeout: 20s,", "{apiKeys: [k1], drainTimeout: 20s,"),
          "the spec has apiKeys, which would be written into a ConfigMap"),
+        (SPEC.replace("{drainTimeout: 20s,", "{ledger: 'redis://:pw@db:6379/0', drainTimeout: 20s,"),
+         "the spec's ledger URL has a password, which would be written into a ConfigMap"),
         (SPEC.replace("Big.Model:70b", "chat."), "models 'chat' and 'chat.' make the same Kubernetes name 'chat'"),
         (SPEC.replace("Big.Model:70b", "b" * 41), "makes no Kubernetes name"),
     ],

@@ -239,3 +239,87 @@ async def test_more_replicas_than_the_memory_allows_are_refused_whole(tmp_path: 
         assert len(alive(loader)) == 1 and pool.config.models["a"].replicas == 1
         assert role(pool, "a").replicas == 1
         assert conditions(pool, "a")["Progressing"].status == "False"
+
+
+class NthLoader(FakeLoader):
+    """Loads like FakeLoader, but the ``nth`` load (from 1) of a model with ``parallel`` == ``value`` never starts."""
+
+    def __init__(self, value: int, nth: int) -> None:
+        super().__init__()
+        self.value, self.nth, self.seen = value, nth, 0
+
+    async def __call__(self, path: Path, **options: Any) -> FakeModel:
+        if options.get("parallel") == self.value:
+            self.seen += 1
+            if self.seen == self.nth:
+                await anyio.sleep_forever()
+        return await super().__call__(path, **options)
+
+
+async def test_requests_during_a_replacement_in_place_wait_for_the_new_replica(tmp_path: Path) -> None:
+    path = tmp_path / "a.gguf"
+    path.write_bytes(b"x" * 1000)
+    loader = FakeLoader(delay=0.05, close_delay=0.05)  # a replacement in place leaves a gap with no replica
+    cfg = config(models={"a": {"path": path, "parallel": 1}}, memory_budget=1500)
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        await pool.load("a")
+        served: list[int] = []
+
+        async def requests() -> None:
+            for _ in range(20):
+                async with pool.acquire("a") as model:
+                    assert not model.closed
+                    served.append(1)
+                await anyio.sleep(0.01)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(requests)
+                new = config(models={"a": {"path": path, "parallel": 2}}, memory_budget=1500)
+                (change,) = await pool.apply(new)
+        assert change.action == "update" and len(served) == 20
+        assert status(pool, "a").observed_generation == 2
+
+
+async def test_a_failed_update_puts_every_replica_back_on_the_old_config() -> None:
+    loader = NthLoader(value=3, nth=2)  # the first new replica serves, the second never does
+    async with ModelPool(replicated(2, parallel=1, progress_deadline=0.3), loader=loader,
+                         health_interval=None) as pool:  # fmt: skip
+        await pool.load("a")
+        await wait_until(lambda: role(pool, "a").ready_replicas == 2)
+        (change,) = await pool.apply(replicated(2, parallel=3, progress_deadline=0.3))
+        assert change.action == "rolled_back"
+        await wait_until(lambda: role(pool, "a").ready_replicas == 2)
+        running = [m for m in alive(loader)]
+        assert len(running) == 2
+        assert [o["parallel"] for o, m in zip(loader.options, loader.models, strict=True) if not m.closed] == [1, 1]
+        assert pool.config.models["a"].parallel == 1
+        assert [c.action for c in await pool.apply(replicated(2, parallel=1, progress_deadline=0.3))] == []
+
+
+async def test_an_unload_during_an_update_in_place_leaves_nothing_running(tmp_path: Path) -> None:
+    path = tmp_path / "a.gguf"
+    path.write_bytes(b"x" * 1000)  # with room for one replica only: replaced in place
+    loader = PickyLoader(refuse={3})
+    cfg = config(models={"a": {"path": path, "parallel": 1}}, memory_budget=1500)
+    async with ModelPool(cfg, loader=loader, health_interval=None) as pool:
+        await pool.load("a")
+        async with anyio.create_task_group() as tg:
+            changes: list[Any] = []
+
+            async def apply() -> None:
+                new = config(models={"a": {"path": path, "parallel": 3}}, memory_budget=1500)
+                changes.extend(await pool.apply(new))
+
+            tg.start_soon(apply)
+            await wait_until(lambda: len(loader.calls) == 2)  # the new replica is loading (for ever)
+            await pool.unload("a")
+        assert alive(loader) == [] and status(pool, "a").phase == Phase.PENDING
+        assert not any(r.supervisor.wanted for r in pool.replicas("a").replicas)
+
+
+async def test_a_changed_ledger_url_is_shown_without_its_password() -> None:
+    async with ModelPool(config("a"), loader=FakeLoader(), health_interval=None) as pool:
+        (change,) = await pool.apply(config("a", ledger="redis://:s3cret@db:6379/0"), dry_run=True)
+        assert change.action == "restart_required" and "s3cret" not in change.detail
+        assert "redis://***@db:6379/0" in change.detail

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..runtime import ModelConfig, Resources, ServeConfig, ServingSpec, config_to_spec, read_spec
+from ..runtime import ModelConfig, Resources, ServeConfig, ServingSpec, config_to_spec, read_spec, redacted
 
 __all__ = ["MODEL_DIR", "dump_manifests", "render_manifests"]
 
@@ -80,8 +80,10 @@ def render_manifests(
     ``models_claim``, or the node's directory ``models_host_path``, or by
     default the claim ``llamaproc-models``. ``gpu_resource`` is the extended
     resource one pod asks for when its model's device is not ``"cpu"``.
-    Raises :class:`~llamaproc.errors.ConfigError` for a spec with API keys,
+    Raises :class:`~llamaproc.errors.ConfigError` for a spec with API keys
+    or a ledger URL with a password (both would be written into a ConfigMap),
     a model name that makes no Kubernetes name, and both volumes at once.
+    A model's ``env`` goes into the ConfigMap too: keep secrets out of it.
     """
     if models_claim is not None and models_host_path is not None:
         raise ConfigError("give the model volume as a claim or as a host path, not both")
@@ -90,6 +92,11 @@ def render_manifests(
         raise ConfigError(
             "the spec has apiKeys, which would be written into a ConfigMap: keep them out of the spec and put"
             f" the key in the Secret {api_keys_secret!r} (key {SECRET_KEY!r}) that the pods read"
+        )
+    if config.ledger is not None and redacted(config.ledger) != config.ledger:
+        raise ConfigError(
+            "the spec's ledger URL has a password, which would be written into a ConfigMap: give the daemons a"
+            " Redis they reach without one (e.g. behind a NetworkPolicy)"
         )
     if models_host_path is not None:
         volume: dict[str, Any] = {"name": "models", "hostPath": {"path": models_host_path, "type": "Directory"}}

@@ -78,8 +78,8 @@ LOAD_PROBE_TIMEOUT = 3.0
 PROBE_TIMEOUT = 1.0
 #: How long the coordinator's log may lag behind its readiness (its output is read by a thread).
 _LOG_WAIT = 5.0
-#: Coordinators that exit during start-up one recovery may start before it gives up.
-_START_ATTEMPTS = 3
+#: Coordinators that exit during start-up one recovery starts again before it gives up.
+_START_RETRIES = 3
 #: What llama-server logs about a worker it could not reach (group 1: ``host:port``).
 _REFUSED = re.compile(r"[Ff]ailed to connect to (\S+?)[\s:,]*$", re.M)
 #: CPU seconds the model (coordinator and local workers) must use, as a fraction of the half stall
@@ -512,7 +512,9 @@ class ShardedModel(TextModel):
                 # A worker that answered the probe and died as the coordinator connected can make the
                 # coordinator exit: probe again without the ones it names, a few times at most.
                 failed_starts += 1
-                if failed_starts > _START_ATTEMPTS:
+                if failed_starts > _START_RETRIES:
+                    self._lost += lost
+                    _release(lost, self)
                     raise
                 evict = tuple(_REFUSED.findall(exc.output or ""))
                 _log.info("the new coordinator exited during start-up (%s); probing the workers again",

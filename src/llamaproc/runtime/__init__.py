@@ -9,6 +9,7 @@ from ._config import (
     parse_api_keys,
     parse_duration,
     parse_size,
+    redacted,
     shard_options,
 )
 from ._endpoint import Endpoint, Loader
@@ -52,5 +53,6 @@ __all__ = [
     "parse_size",
     "read_pid",
     "read_spec",
+    "redacted",
     "shard_options",
 ]

@@ -69,6 +69,7 @@ __all__ = [
     "parse_api_keys",
     "parse_duration",
     "parse_size",
+    "redacted",
     "shard_options",
 ]
 
@@ -356,6 +357,13 @@ def _ledger_url(value: Any, info: ValidationInfo) -> Any:
     if value.startswith(("redis://", "rediss://", "unix://")):
         return value
     raise ConfigError(f"invalid ledger {value!r}: expected 'sqlite:///path/ledger.db' or 'redis://host:port/db'")
+
+
+def redacted(url: str) -> str:
+    """A ledger URL without the password a Redis URL may carry (``redis://:***@host:6379/0``), for logs and answers."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, where = rest.rpartition("@")
+    return f"{scheme}{sep}***@{where}" if at and credentials else url
 
 
 def _capacity(value: Any) -> Any:

@@ -89,7 +89,7 @@ from ..errors import (
 )
 from ..ledger import Lease, Ledger
 from ..model import load_model
-from ._config import ModelConfig, ServeConfig, shard_options
+from ._config import ModelConfig, ServeConfig, redacted, shard_options
 from ._endpoint import Loader
 from ._replicas import Replica, ReplicaSet
 from ._status import LayerRange, LeaseStatus, ModelStatus, Phase, ShardStatus
@@ -191,7 +191,10 @@ def _diff(old: ServeConfig, new: ServeConfig) -> list[Change]:
         if key == "models" or getattr(old, key) == getattr(new, key):
             continue
         action = "restart_required" if key in FIXED_SETTINGS else "setting"
-        shown = "(changed)" if key == "api_keys" else f"{getattr(old, key)!r} -> {getattr(new, key)!r}"
+        before, after = getattr(old, key), getattr(new, key)
+        if key == "ledger":
+            before, after = (None if url is None else redacted(url) for url in (before, after))
+        shown = "(changed)" if key == "api_keys" else f"{before!r} -> {after!r}"
         changes.append(Change(None, action, f"{key}: {shown}", key))
     for name, model in new.models.items():
         before = old.models.get(name)
@@ -464,7 +467,10 @@ class ModelPool(Generic[E]):
             entry.touch()
         elif event == "restarting":
             self.stats.restarts += 1
-        elif event == "failed" and entry.lease is not None and entry.replicas.phase is Phase.FAILED:
+        elif (
+            event == "failed" and entry.lease is not None and entry.replicas.phase is Phase.FAILED
+            and entry.replicas.updating is None  # a rollback may start the old replicas again
+        ):  # fmt: skip
             # Its process is gone and it will not be restarted: the memory is free again. (A stop
             # by the pool gives the lease back itself, once the process is gone.)
             lease, entry.lease = entry.lease, None
@@ -557,8 +563,13 @@ class ModelPool(Generic[E]):
     async def _yield(self, entry: _Entry, lease: Lease) -> None:
         """Give the lease back to a waiter of higher priority: no new request, the ones in flight finish first."""
         try:
-            if entry.evicting:
-                return  # being unloaded anyway: the lease goes back with it
+            while entry.evicting:  # being unloaded (the lease goes back with it), or only reserved for a moment
+                try:
+                    await self._wait_for(lambda: not entry.evicting)
+                except ShuttingDownError:
+                    return  # closing: every lease goes back
+                if lease is not entry.lease:
+                    return
             entry.evicting = True  # new requests wait, then load it again under a new lease
             self._notify()
             grace = self.config.preempt_grace
@@ -593,7 +604,12 @@ class ModelPool(Generic[E]):
         return load
 
     def _shard_options(self, name: str) -> dict[str, Any]:
-        model = self.config.models[name]
+        config = self.config
+        entry = self._entries.get(name)
+        if entry is not None and config.models.get(name) != entry.config:
+            # Removed or rolled back by an apply: its own config, with the daemon's settings.
+            config = config.model_copy(update={"models": {**config.models, name: entry.config}})
+        model = config.models[name]
         workers: Sequence[str] | int | None = None
         if model.local_workers is not None:
             workers = model.local_workers
@@ -609,7 +625,7 @@ class ModelPool(Generic[E]):
                     f'model {name!r} has workers = "registered" and no registered rpc worker is ready:'
                     " start one with `llamaproc worker --register URL`"
                 )
-        options = shard_options(self.config, name, workers=workers)
+        options = shard_options(config, name, workers=workers)
         if options.get("stall_timeout") is None:
             options["stall_timeout"] = math.inf
         return options
@@ -819,6 +835,8 @@ class ModelPool(Generic[E]):
                     continue
                 entry.touch()
                 sup.start()
+                if not sup.active:  # nothing it could start now (a replica replaced in place): wait
+                    await sup.changed()
             finally:
                 self._room_holder = None
                 self._notify()
@@ -1018,8 +1036,8 @@ class ModelPool(Generic[E]):
             others = sum(e.memory_held for e in self._entries.values() if e is not entry and (e.active or e.evicting))
             if budget is not None and others + entry.memory * count > budget:
                 return False
-            if entry.lease is None:
-                return True
+            if entry.lease is None or entry.lease.memory >= entry.lease_memory * count:
+                return True  # held already (an update grows it once, and shrinks it when done)
             try:
                 return await entry.lease.resize(entry.lease_memory * count)
             except LlamaprocError:
@@ -1033,6 +1051,9 @@ class ModelPool(Generic[E]):
         try:
             await entry.replicas.update(model_config, room_for_one_more=room_for, resized=resized)
         except RolloutError as exc:
+            if entry.replicas.phase is Phase.FAILED and entry.lease is not None:
+                lease, entry.lease = entry.lease, None
+                lease.release_nowait()
             entry.config = entry.replicas.config
             self.config = self.config.model_copy(
                 update={"models": {**self.config.models, entry.name: entry.replicas.config}}

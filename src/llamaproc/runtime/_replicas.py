@@ -134,13 +134,14 @@ class ReplicaSet(Generic[E]):
             await replica.supervisor.run()
 
     async def _add(self, config: ModelConfig, generation: int) -> Replica[E]:
-        """A new replica, running and asked to load."""
+        """A new replica, running, and asked to load while the model is wanted."""
         if self._tg is None:
             raise ShuttingDownError(f"model {self.name!r} is shutting down")
         replica = self._new(config, generation)
         self.replicas.append(replica)
         await self._tg.start(self._run_replica, replica)
-        replica.supervisor.start()
+        if self._wanted:
+            replica.supervisor.start()
         self.notify()
         return replica
 
@@ -211,7 +212,8 @@ class ReplicaSet(Generic[E]):
     @property
     def active(self) -> bool:
         """Wanted and not Failed: some replica runs, starts, or is about to be restarted."""
-        return self._wanted and any(r.supervisor.active for r in self.replicas)
+        # During an update a replica may be replaced in place: none runs for a moment, yet one is coming.
+        return self._wanted and (self.updating is not None or any(r.supervisor.active for r in self.replicas))
 
     @property
     def phase(self) -> Phase:
@@ -356,6 +358,7 @@ class ReplicaSet(Generic[E]):
             self.notify()
             return
         deadline = config.progress_deadline
+        retired: list[tuple[ModelConfig, int]] = []  # what the old replicas ran, to put back on a rollback
         try:
             self.updating = f"rolling to generation {generation}"
             self.notify()
@@ -371,7 +374,6 @@ class ReplicaSet(Generic[E]):
                 old.sort(key=lambda r: r.using)  # the idle ones first: they stop at once
                 if made >= config.replicas:
                     await self._retire(old.pop(0))
-                    await resized(len(self._live()))
                     continue
                 live = len(self._live())
                 in_place = bool(old) and not await room_for_one_more(live + 1)
@@ -384,26 +386,43 @@ class ReplicaSet(Generic[E]):
                 if victim is not None:
                     _log.info("model %s: no memory for one more replica: replacing replica %d in place",
                               self.name, victim.index)  # fmt: skip
+                    retired.append((victim.config, victim.generation))
                     await self._retire(victim)
-                    await resized(len(self._live()))
                 new = await self._add(config, generation)
                 self.updating = f"replica {new.index} of generation {generation} is loading"
                 self.notify()
                 problem = await self._until_serving(new, deadline)
                 if problem is not None:
                     await self._remove(new)
-                    if victim is not None:  # put back what was replaced in place
-                        await self._add(victim.config, victim.generation)
-                    await resized(len(self._live()))
+                    await self._restore(generation, retired, previous)
                     raise self._give_up(previous, problem)
                 made += 1
                 if victim is None and old:
+                    retired.append((old[0].config, old[0].generation))
                     await self._retire(old.pop(0))
-                    await resized(len(self._live()))
             self.observed_generation = generation
         finally:
             self.updating = None
-            self.notify()
+            with anyio.CancelScope(shield=True):
+                await resized(len(self._live()))
+            self.observe()
+
+    async def _restore(
+        self, generation: int, retired: list[tuple[ModelConfig, int]], previous: ModelConfig
+    ) -> None:
+        """After a failed update: the replicas of ``generation`` give way to what they replaced, one by one.
+
+        Each is drained and stopped first, then its predecessor's config
+        started in its place (no memory for one more is needed).
+        """
+        for replica in [r for r in self.replicas if r.generation == generation and not r.draining]:
+            await self._retire(replica)
+            if retired:
+                config, old_generation = retired.pop(0)
+                await self._add(config, old_generation)
+        while retired and len(self._live()) < previous.replicas:
+            config, old_generation = retired.pop(0)
+            await self._add(config, old_generation)
 
     def _live(self) -> list[Replica[E]]:
         return [r for r in self.replicas if not r.draining]

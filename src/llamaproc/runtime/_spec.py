@@ -526,7 +526,8 @@ def load_spec(source: str | os.PathLike[str], *, format: Literal["yaml", "toml"]
     ``format="toml"``). Relative paths are taken against the file's folder
     (the current one for a text), and the model files must exist. Raises
     :class:`ConfigError` with one line per problem: ``FILE: document N (NAME):
-    key.path: problem``; ``replicas`` above 1 are refused (the daemon runs one).
+    key.path: problem``; ``replicas`` above 1 of a sharded model are refused (the
+    daemon runs one).
     """
     config, _ = _read(source, format=format, context=daemon_context(None))
     return config

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import LlamaprocError, WorkerError
 from ..protocol import OPENAI_REQUIRED, error_code, error_message, error_status
+from ..runtime import redacted
 from ._dashboard import EventsRoute, dashboard_routes
 from ._events import EventFeed
 from ._metrics import CONTENT_TYPE, ServeMetrics
@@ -32,20 +33,13 @@ if TYPE_CHECKING:
     from ..ledger import Ledger
     from ..runtime import ModelPool
 
-__all__ = ["MAX_WORKER_BODY", "create_app", "redacted"]
+__all__ = ["MAX_WORKER_BODY", "create_app"]
 
 #: The largest body the worker routes read (a registration with its devices is a few KiB).
 MAX_WORKER_BODY = 64 * 1024
 
 
 # --- management and listing --------------------------------------------------------------------
-
-
-def redacted(url: str) -> str:
-    """A ledger URL without the password a Redis URL may carry."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, where = rest.rpartition("@")
-    return f"{scheme}{sep}***@{where}" if at and credentials else url
 
 
 def _model_object(name: str, created: int) -> dict[str, Any]:
@@ -167,7 +161,7 @@ def create_app(
         except LlamaprocError as exc:
             return error_response("ledger_unavailable", f"the memory ledger cannot be read: {error_message(exc)}")
         return JSONResponse({
-            "ledger": redacted(pool.config.ledger or ""),
+            "ledger": redacted(pool.config.ledger or ""),  # the URL without the password a Redis URL may carry
             "capacity": capacity,
             "leases": [dataclasses.asdict(lease) for lease in leases],
         })  # fmt: skip

@@ -50,11 +50,19 @@ import anyio.abc
 import uvicorn
 from pydantic import SecretStr
 
-from ..errors import AlreadyRunningError, ConfigError, ListenError, LlamaprocError, QueueFullError
+from ..errors import (
+    AlreadyRunningError,
+    ConfigError,
+    ListenError,
+    LlamaprocError,
+    PoolError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from ..ledger import Ledger, open_ledger
 from ..process import probe_worker
-from ..runtime import Change, PidLock, ServeConfig, load_config, load_spec_data, parse_api_keys
-from ._app import create_app, redacted
+from ..runtime import Change, PidLock, ServeConfig, load_config, load_spec_data, parse_api_keys, redacted
+from ._app import create_app
 from ._events import EventFeed
 from ._limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from ._metrics import ServeMetrics
@@ -399,6 +407,9 @@ class Applier:
                 outcome.append(await self.pool.apply(config))
             except LlamaprocError as exc:
                 outcome.append(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug must fail this apply, not the daemon
+                _log.exception("llamaproc serve: applying a config failed")
+                outcome.append(PoolError(f"applying the config failed: {type(exc).__name__}: {exc}"))
             finally:
                 self.pending -= 1
                 done.set()
@@ -406,6 +417,8 @@ class Applier:
         self.pending += 1
         self.tg.start_soon(run, name="llamaproc-apply")
         await done.wait()
+        if not outcome:
+            raise ShuttingDownError("the daemon stopped before the config was applied")
         if isinstance(outcome[0], LlamaprocError):
             raise outcome[0]
         changes: list[Change] = outcome[0]

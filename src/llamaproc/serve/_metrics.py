@@ -186,7 +186,8 @@ class _PoolCollector(Collector):
             labels=["model", "device"],
         )
         for s in statuses:
-            device = s.lease.device if s.lease else pool.config.models[s.name].device
+            model = pool.config.models.get(s.name)  # absent while a removed model drains
+            device = s.lease.device if s.lease else model.device if model is not None else "cpu"
             lease.add_metric([s.name, device], s.lease.memory if s.lease else 0)
             queued.add_metric([s.name], s.queued)
             in_flight.add_metric([s.name], s.in_flight)
