@@ -147,25 +147,15 @@ async def test_a_stream_past_the_grace_is_cut_with_an_error_and_the_waiter_is_gr
         ) as model:
             expected = (await model.complete(PROMPT, max_tokens=8)).token_ids
             pid = model.pid
-            started = anyio.Event()
-            caught: list[BaseException] = []
-
-            async def reader() -> None:
-                try:
-                    # It never ends by itself: only the grace timer can end it.
-                    async with model.generate(PROMPT, max_tokens=LONG) as stream:
-                        async for _ in stream:
-                            started.set()
-                except BaseException as exc:  # noqa: BLE001 - what ends the stream is what the test checks
-                    caught.append(exc)
+            reader = EndlessReader(model)  # only the grace timer can end it
 
             with anyio.fail_after(SAFETY):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(reader)
-                    await started.wait()
+                    await reader.started.wait()
                     lease = await ledger.lease(CAPACITY, priority="urgent", holder="urgent")
             # The waiter was granted and the reader ended: with a typed error, not a hang or a normal end.
-            [error] = caught
+            [error] = reader.caught
             assert isinstance(error, llamaproc.ServerCrashedError), repr(error)
             # It says that the model was unloaded, and why, not that llama-server crashed.
             assert "the model was unloaded during the call (preempted; calls still running after the grace" in str(
@@ -178,6 +168,26 @@ async def test_a_stream_past_the_grace_is_cut_with_an_error_and_the_waiter_is_gr
             assert [info.holder for info in await ledger.leases()] == ["urgent"]
             await lease.release()
             await reloads_and_answers(model, ledger, expected, pid)
+
+
+class EndlessReader:
+    """Reads a stream that never ends on its own, in a task.
+
+    ``started`` is set at its first token; ``caught`` holds what ended it.
+    """
+
+    def __init__(self, model: llamaproc.TextModel) -> None:
+        self.model = model
+        self.started = anyio.Event()
+        self.caught: list[BaseException] = []
+
+    async def __call__(self) -> None:
+        try:
+            async with self.model.generate(PROMPT, max_tokens=LONG) as stream:
+                async for _ in stream:
+                    self.started.set()
+        except BaseException as exc:  # noqa: BLE001 - what ends the stream is what the test checks
+            self.caught.append(exc)
 
 
 def remove_lease(ledger_url: str, lease_id: str) -> None:
@@ -211,25 +221,16 @@ async def test_a_lost_lease_stops_the_server_at_once_and_the_next_call_reloads(
             expected = (await model.complete(PROMPT, max_tokens=8)).token_ids
             pid = model.pid
             [info] = await ledger.leases()
-            started = anyio.Event()
-            caught: list[BaseException] = []
-
-            async def reader() -> None:
-                try:
-                    async with model.generate(PROMPT, max_tokens=LONG) as stream:
-                        async for _ in stream:
-                            started.set()
-                except BaseException as exc:  # noqa: BLE001 - what ends the stream is what the test checks
-                    caught.append(exc)
+            reader = EndlessReader(model)
 
             with anyio.fail_after(SAFETY):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(reader)
-                    await started.wait()  # a call in flight does not hold off the stop
+                    await reader.started.wait()  # a call in flight does not hold off the stop
                     await anyio.to_thread.run_sync(remove_lease, ledger_url, info.id)
                     # The model's next renewal finds the lease gone: its server is killed at once.
                     await model.wait()
-            [error] = caught
+            [error] = reader.caught
             assert isinstance(error, llamaproc.ServerCrashedError), repr(error)
             assert "the model was unloaded during the call (its lease was lost)" in str(error)
             assert not model.loaded
