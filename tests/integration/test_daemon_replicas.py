@@ -92,7 +92,7 @@ def test_a_replica_killed_under_load_costs_no_request(tmp_path: Path, tiny_model
 
         async def load(client: httpx.AsyncClient) -> None:
             while not killed.is_set() or len(statuses) < 40:
-                body = {"model": "m", "prompt": "hello", "max_tokens": 8}
+                body = {"model": "m", "prompt": "hello", "max_tokens": 64, "ignore_eos": True}
                 answer = await client.post("/v1/completions", json=body)
                 assert answer.status_code == 200, answer.text
                 statuses.append(answer.status_code)
@@ -104,11 +104,15 @@ def test_a_replica_killed_under_load_costs_no_request(tmp_path: Path, tiny_model
                 with anyio.fail_after(60):
                     while len(statuses) < 10:
                         await anyio.sleep(0.01)
+                    # Killed while answering: its requests in flight are sent again, to the other replica.
+                    while not any(r["pid"] == first and r["inFlight"] for r in role(daemon, "m")["replicaStatuses"]):
+                        await anyio.sleep(0.001)
                 os.kill(first, signal.SIGKILL)
                 killed.set()
 
         anyio.run(main)
         assert set(statuses) == {200}
+        assert "its replica died before answering; trying another" in daemon.stderr()
 
         def restarted() -> dict[str, Any] | None:
             now = role(daemon, "m")
