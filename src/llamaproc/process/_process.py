@@ -53,7 +53,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO
+from typing import IO, TypeVar
 
 import anyio
 import psutil
@@ -72,6 +72,8 @@ from ..errors import (
 __all__ = ["OutputBuffer", "ServerProcess"]
 
 _log = logging.getLogger("llamaproc.process")
+
+T = TypeVar("T")
 
 _LISTENING = re.compile(rb"listening on https?://([^\s:/]+|\[[^\]]+\]):(\d+)")
 _RELEVANT = re.compile(
@@ -296,6 +298,43 @@ def _finalize(
         _warn(f"{what} pid {popen.pid}: its process group was killed; {advice}", ResourceWarning)
 
 
+async def _spawn_watched(
+    argv: list[str], *, env: Mapping[str, str], cwd: str | os.PathLike[str] | None,
+    watch: Callable[[subprocess.Popen[bytes]], T],
+) -> T:  # fmt: skip
+    """Start ``argv`` in its own process group, with the parent-death signal and its output piped; return
+    ``watch(popen)``, the child's owner (which starts the output thread).
+
+    A child that cannot start is a :class:`StartupError`; when ``watch``
+    fails (out of descriptors or threads, say), the child is killed and
+    reaped before the error: it must not outlive the failure.
+    """
+    try:
+        command, preexec = _spawn_command(argv, env=env, cwd=cwd)
+        popen = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=preexec,  # noqa: PLW1509 - only prctl, nothing that can deadlock
+            close_fds=True,
+        )
+    except OSError as exc:
+        raise StartupError(f"cannot start {argv[0]}: {exc}", returncode=None, output="") from exc
+    try:
+        return watch(popen)
+    except BaseException as exc:
+        await _reap_killed(popen)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise StartupError(
+                f"cannot watch {argv[0]} (pid {popen.pid}): {exc}", returncode=popen.returncode, output="", pid=popen.pid
+            ) from exc
+        raise
+
+
 async def _reap_killed(popen: subprocess.Popen[bytes]) -> None:
     """SIGKILL a child that has no ServerProcess (its construction failed) and wait for it, shielded."""
     _send(popen, signal.SIGKILL)
@@ -479,32 +518,9 @@ class ServerProcess:
             child_env["HIP_VISIBLE_DEVICES"] = devices
         if env:
             child_env.update(env)
-        try:
-            command, preexec = _spawn_command(argv, env=child_env, cwd=cwd)
-            popen = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=child_env,
-                cwd=cwd,
-                start_new_session=True,
-                preexec_fn=preexec,  # noqa: PLW1509 - only prctl, nothing that can deadlock
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise StartupError(f"cannot start {argv[0]}: {exc}", returncode=None, output="") from exc
-        try:
-            proc = cls(popen, argv, host=host, logger=logger, grace=grace)
-        except BaseException as exc:
-            # Out of descriptors or threads, say: the child must not outlive the failure.
-            await _reap_killed(popen)
-            if isinstance(exc, (OSError, RuntimeError)):
-                raise StartupError(
-                    f"cannot watch {argv[0]} (pid {popen.pid}): {exc}",
-                    returncode=popen.returncode, output="", pid=popen.pid,
-                ) from exc
-            raise
+        proc = await _spawn_watched(
+            argv, env=child_env, cwd=cwd, watch=lambda popen: cls(popen, argv, host=host, logger=logger, grace=grace)
+        )
         try:
             await proc._wait_ready(startup_timeout)
         except BaseException:

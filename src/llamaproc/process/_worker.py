@@ -80,9 +80,8 @@ from ._process import (
     _cpu_seconds,
     _finalize,
     _read_output,
-    _reap_killed,
     _send,
-    _spawn_command,
+    _spawn_watched,
     _terminate,
     _wait_exited,
 )
@@ -539,30 +538,9 @@ def _check_start_options(host: str, port: int | None, threads: int | None, start
 async def _spawn(argv: list[str], *, host: str, port: int, env: Mapping[str, str],
                  logger: logging.Logger | None) -> RpcWorker:
     """Start the child the way ServerProcess does: own process group, parent-death signal, output thread."""
-    try:
-        command, preexec = _spawn_command(argv, env=env, cwd=None)
-        popen = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=dict(env),
-            start_new_session=True,
-            preexec_fn=preexec,  # noqa: PLW1509 - only prctl, nothing that can deadlock
-            close_fds=True,
-        )
-    except OSError as exc:
-        raise StartupError(f"cannot start {argv[0]}: {exc}", returncode=None, output="") from exc
-    try:
-        return RpcWorker(popen, argv, host=host, port=port, logger=logger)
-    except BaseException as exc:
-        # Out of descriptors or threads, say: the child must not outlive the failure.
-        await _reap_killed(popen)
-        if isinstance(exc, (OSError, RuntimeError)):
-            raise StartupError(
-                f"cannot watch {argv[0]} (pid {popen.pid}): {exc}", returncode=popen.returncode, output="", pid=popen.pid
-            ) from exc
-        raise
+    return await _spawn_watched(
+        argv, env=env, cwd=None, watch=lambda popen: RpcWorker(popen, argv, host=host, port=port, logger=logger)
+    )
 
 
 async def start_worker(
