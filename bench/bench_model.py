@@ -11,7 +11,7 @@ import time
 
 import anyio
 import httpx
-from common import BareServer, Result, Settings, interleave, median, paired, server_env, tiny_model
+from common import BareServer, Result, Settings, interleave, median, paired, server_env, stream_rate, tiny_model
 from httpx_sse import aconnect_sse
 
 import llamaproc
@@ -49,15 +49,7 @@ async def generate_throughput(s: Settings) -> list[Result]:
     async with model, httpx.AsyncClient(base_url=model.base_url, timeout=60.0, trust_env=False, headers=_auth(model)) as http:
 
         async def subject() -> float:
-            count = 0
-            t0 = time.perf_counter()
-            async with model.generate(PROMPT, max_tokens=n, temperature=0.0) as stream:
-                async for _ in stream:
-                    count += 1
-            dt = time.perf_counter() - t0
-            if count != n:
-                raise RuntimeError(f"model.generate() gave {count} tokens, expected {n}")
-            return count / dt
+            return await stream_rate(model, PROMPT, n)
 
         async def baseline() -> float:
             t0 = time.perf_counter()

@@ -136,6 +136,19 @@ async def interleave(
     return out
 
 
+async def stream_rate(model: Any, prompt: str, n: int) -> float:
+    """Tokens/s of one greedy stream of ``n`` tokens through ``model.generate`` (a TextModel of any kind)."""
+    count = 0
+    t0 = time.perf_counter()
+    async with model.generate(prompt, max_tokens=n, temperature=0.0) as stream:
+        async for _ in stream:
+            count += 1
+    dt = time.perf_counter() - t0
+    if count != n:
+        raise RuntimeError(f"model.generate() gave {count} tokens, expected {n}")
+    return count / dt
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

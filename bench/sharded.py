@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from common import Result, interleave, kill_leftovers, median, paired, write_report
+from common import Result, interleave, kill_leftovers, median, paired, stream_rate, write_report
 
 import llamaproc
 from llamaproc.testing import write_tiny_model
@@ -82,15 +82,7 @@ async def local_workers() -> AsyncIterator[list[llamaproc.RpcWorker]]:
 
 async def _stream(model: llamaproc.TextModel, n: int = THROUGHPUT_TOKENS) -> float:
     """Tokens/s of one greedy stream of ``n`` tokens."""
-    count = 0
-    t0 = time.perf_counter()
-    async with model.generate(PROMPT, max_tokens=n, temperature=0.0) as stream:
-        async for _ in stream:
-            count += 1
-    dt = time.perf_counter() - t0
-    if count != n:
-        raise RuntimeError(f"{count} tokens, expected {n}")
-    return count / dt
+    return await stream_rate(model, PROMPT, n)
 
 
 async def throughput(workdir: Path, n_embd: int, quick: bool) -> Result:
