@@ -294,8 +294,7 @@ class _Call:
                         await self._forward_sharded(endpoint, path, raw, body, stream)
                         return
                     # Once: a second replica that dies too is an error like any other.
-                    may_retry = attempts == 1 and len(self.state.pool.replicas(self.name)) > 1
-                    if not await self._forward(endpoint, path, raw, stream, may_retry=may_retry):
+                    if not await self._forward(endpoint, path, raw, stream, may_retry=attempts == 1):
                         return
         except LlamaprocError as exc:
             # Raised by the pool's admission (the forwarders answer their own errors).
@@ -328,15 +327,15 @@ class _Call:
     ) -> bool:  # fmt: skip
         """Send the request to ``endpoint`` and answer the client.
 
-        Returns True instead of answering when ``may_retry`` and the endpoint
-        died before it sent a byte of its answer: the caller sends the
-        request to another replica.
+        Returns True instead of answering when ``may_retry``, the endpoint
+        died before it sent a byte of its answer and the model has another
+        replica: the caller sends the request there.
         """
         client = self.state.client
         try:
             await check_alive(endpoint)
         except LlamaprocError as exc:
-            if may_retry and endpoint.returncode is not None:
+            if may_retry and endpoint.returncode is not None and self._other_replica():
                 _log.info("model %r: its replica died before the request was sent; trying another", self.name[:100])
                 return True
             await self._fail(exc)
@@ -345,7 +344,9 @@ class _Call:
             response = await client.post(endpoint.base_url, path, raw, stream=stream, headers=auth_headers(endpoint))
         except UpstreamError as exc:
             explained = await endpoint.explain(exc)
-            if may_retry and isinstance(explained, ServerCrashedError) and not self.response_started:
+            if may_retry and isinstance(explained, ServerCrashedError) and not self.response_started and (
+                self._other_replica()
+            ):
                 _log.info("model %r: its replica died before answering; trying another", self.name[:100])
                 return True
             await self._fail(explained)
@@ -359,13 +360,19 @@ class _Call:
                 await self._relay_whole(endpoint, response)
         except UpstreamError as exc:
             explained = await endpoint.explain(exc)
-            if may_retry and isinstance(explained, ServerCrashedError) and not self.response_started:
+            if may_retry and isinstance(explained, ServerCrashedError) and not self.response_started and (
+                self._other_replica()
+            ):
                 _log.info("model %r: its replica died before its answer began; trying another", self.name[:100])
                 return True
             await self._fail(explained)
         finally:
             response.close()
         return False
+
+    def _other_replica(self) -> bool:
+        """Whether the model has more than one replica (asked only after a failure, off the hot path)."""
+        return len(self.state.pool.replicas(self.name)) > 1
 
     async def _relay_whole(self, endpoint: Endpoint, response: UpstreamResponse) -> None:
         content = await response.read()
